@@ -1,0 +1,235 @@
+"""The keys of the SpecECD configuration: their parsers, defaults and help, and ``Secret``.
+
+``shared.config`` loads and merges; this module says what each key accepts. ``KEYS`` is the one
+table the loader, the command-line flags and ``deploy/README.md`` follow.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+ENV_PREFIX = "SPECECD_"
+KINDS = ("edge", "worker")
+MASK = "********"
+
+
+class Secret:
+    """A secret string whose repr and str are masked; ``reveal()`` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: pass it to the library that needs it, never to a log."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret('{MASK}')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+class HostPort(NamedTuple):
+    """A ``host:port`` address; ``str()`` gives it back in that form."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# ---------------------------------------------------------------- value parsers
+class BadValue(Exception):
+    """Raised by a parser with the text of what is allowed."""
+
+
+Parser = Callable[[Any, bool], Any]  # (value, came_as_text) -> parsed value
+
+
+def _int(lo: int, hi: int) -> Parser:
+    allowed = f"an integer from {lo} to {hi}"
+
+    def parse(v: Any, text: bool) -> int:
+        if text and isinstance(v, str):
+            try:
+                v = int(v.strip(), 10)
+            except ValueError:
+                raise BadValue(allowed) from None
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BadValue(allowed)
+        return v
+
+    return parse
+
+
+def _float(lo: float, hi: float, *, lo_open: bool = False) -> Parser:
+    allowed = f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+
+    def parse(v: Any, text: bool) -> float:
+        if text and isinstance(v, str):
+            try:
+                v = float(v.strip())
+            except ValueError:
+                raise BadValue(allowed) from None
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise BadValue(allowed)
+        if v > hi or v < lo or (lo_open and v == lo):
+            raise BadValue(allowed)
+        return float(v)
+
+    return parse
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _bool(v: Any, text: bool) -> bool:
+    if text and isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    if not isinstance(v, bool):
+        raise BadValue("true or false" + (" (or 1/0, yes/no, on/off)" if text else ""))
+    return v
+
+
+def _choice(*options: str, fold: bool = False) -> Parser:
+    allowed = "one of " + ", ".join(repr(o) for o in options)
+
+    def parse(v: Any, text: bool) -> str:
+        key = v.lower() if fold and isinstance(v, str) else v
+        if key not in options:
+            raise BadValue(allowed)
+        return key
+
+    return parse
+
+
+def _str(pattern: str | None = None, what: str = "a non-empty string") -> Parser:
+    rx = re.compile(pattern) if pattern else None
+
+    def parse(v: Any, text: bool) -> str:
+        if not isinstance(v, str) or not v.strip() or (rx and not rx.fullmatch(v)):
+            raise BadValue(what)
+        return v
+
+    return parse
+
+
+def _hostport(*, allow_zero: bool = False) -> Parser:
+    allowed = "HOST:PORT with a port from {} to 65535, e.g. 127.0.0.1:1883 or [::1]:1883 (no scheme)"
+    allowed = allowed.format(0 if allow_zero else 1)
+
+    def parse(v: Any, text: bool) -> tuple[str, int | None]:
+        if not isinstance(v, str):
+            raise BadValue(allowed)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([A-Za-z0-9_.-]+)(?::(\d+))?", v.strip())
+        if not m:
+            raise BadValue(allowed)
+        host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if port is not None and not (0 if allow_zero else 1) <= int(port) <= 65535:
+            raise BadValue(allowed)
+        return host, None if port is None else int(port)
+
+    return parse
+
+
+_NAME = _str(r"[A-Za-z0-9_-]{1,64}", "1-64 characters of A-Z a-z 0-9 _ - (it appears in MQTT topics)")
+_ANY = _str()
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    kinds: tuple[str, ...]
+    parse: Parser
+    default: Any
+    help: str
+    path: bool = False  # relative paths in a file are taken from the file's folder
+    secret: bool = False  # never on the command line, never shown
+
+
+_BOTH, _E, _W = ("edge", "worker"), ("edge",), ("worker",)
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+_MODEL_DEVICE = _str(r"auto|cpu|mps|cuda(:\d+)?", "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+KEYS: dict[str, _Key] = {
+    k.name: k
+    for k in [
+        _Key(
+            "broker", _BOTH, _hostport(), "127.0.0.1:1883", "broker HOST:PORT (port 8883 if TLS, else 1883)"
+        ),
+        _Key("username", _BOTH, _NAME, None, "MQTT username (the device or worker name)"),
+        _Key("password", _BOTH, _ANY, None, "MQTT password (env or file only)", secret=True),
+        _Key("password_file", _BOTH, _ANY, None, "file holding the MQTT password", path=True),
+        _Key("tls_ca", _BOTH, _ANY, None, "CA certificate file; turns TLS on", path=True),
+        _Key("tls_cert", _BOTH, _ANY, None, "client certificate file (with tls_key)", path=True),
+        _Key("tls_key", _BOTH, _ANY, None, "client private key file (with tls_cert)", path=True),
+        _Key("tls_insecure", _BOTH, _bool, False, "skip the broker hostname check (testing only)"),
+        _Key("keepalive", _BOTH, _int(5, 3600), 30, "MQTT keepalive in seconds"),
+        _Key("device", _E, _NAME, None, "device name in topics (default: username)"),
+        _Key("worker_id", _W, _NAME, None, "worker id (default: username, else hostname)"),
+        _Key("draft", _BOTH, _ANY, "meta-llama/Llama-3.2-1B-Instruct", "draft model: hub id, folder or GGUF"),
+        _Key(
+            "target", _BOTH, _ANY, "meta-llama/Llama-3.1-8B-Instruct", "target model: hub id, folder or GGUF"
+        ),
+        _Key("model_device", _BOTH, _MODEL_DEVICE, "auto", "torch device of the model"),
+        _Key("dtype", _BOTH, _choice(*_DTYPES), "auto", "model dtype"),
+        _Key("gamma", _E, _int(1, 16), 4, "draft tokens per round"),
+        _Key("max_new_tokens", _E, _int(1, 1_000_000), 256, "default generation length"),
+        _Key("temperature", _E, _float(0.0, 100.0), 0.0, "sampling temperature (0 = greedy)"),
+        _Key("top_p", _E, _float(0.0, 1.0, lo_open=True), 1.0, "nucleus sampling (1 = off)"),
+        _Key("top_k", _E, _int(0, 1_000_000), 0, "top-k sampling (0 = off)"),
+        _Key("seed", _E, _int(0, 2**63 - 1), 0, "sampling seed"),
+        _Key("mode", _E, _choice("speculative", "cloud-only", "edge-only"), "speculative", "decoding mode"),
+        _Key("on_cloud_unreachable", _E, _choice("draft", "wait", "fail"), "draft", "fallback policy"),
+        _Key("round_timeout_ms", _E, _int(1, 600_000), 2000, "deadline of one verify round"),
+        _Key("listen", _E, _hostport(allow_zero=True), "127.0.0.1:8000", "local HTTP API HOST:PORT"),
+        _Key("max_queue", _E, _int(1, 100_000), 16, "pending HTTP requests before 503"),
+        _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
+        _Key("max_sessions", _W, _int(1, 1_000_000), 64, "sessions kept (LRU beyond)"),
+        _Key("metrics_listen", _W, _hostport(allow_zero=True), None, "Prometheus HOST:PORT (unset = off)"),
+        _Key("log_level", _BOTH, _choice(*_LEVELS, fold=True), "info", "log level"),
+        _Key("log_json", _BOTH, _bool, False, "log one JSON object per line"),
+        _Key("cache", _BOTH, _ANY, None, "folder for converted model weights", path=True),
+        _Key("hf_token", _BOTH, _ANY, None, "Hugging Face token (env or file only)", secret=True),
+        _Key("hf_token_file", _BOTH, _ANY, None, "file holding the Hugging Face token", path=True),
+    ]
+}
+SECRET_PAIRS = {"password": "password_file", "hf_token": "hf_token_file"}
+
+
+def keys_for(kind: str) -> list[str]:
+    """The config keys of ``kind`` ("edge" or "worker"), in documentation order."""
+    check_kind(kind)
+    return [k.name for k in KEYS.values() if kind in k.kinds]
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a key: ``gamma`` -> ``SPECECD_GAMMA``."""
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a key: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + key.replace("_", "-")
+
+
+def check_kind(kind: str) -> None:
+    """Raise ValueError unless ``kind`` is "edge" or "worker"."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'edge' or 'worker', got {kind!r}")
