@@ -302,10 +302,8 @@ def _common(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
     )
 
 
-def _hostport_of(value: tuple[str, int | None] | None, default_port: int) -> HostPort | None:
-    if value is None:
-        return None
-    return HostPort(value[0], default_port if value[1] is None else value[1])
+def _hostport_of(value: tuple[str, int] | None) -> HostPort | None:
+    return None if value is None else HostPort(*value)
 
 
 def _layers(kind: str, path: str | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None):
@@ -342,7 +340,7 @@ def load_edge_config(
         mode=values["mode"],
         on_cloud_unreachable=values["on_cloud_unreachable"],
         round_timeout_ms=values["round_timeout_ms"],
-        listen=_hostport_of(values["listen"], 8000),
+        listen=_hostport_of(values["listen"]),
         max_queue=values["max_queue"],
         watchdog=values["watchdog"],
     )
@@ -365,7 +363,7 @@ def load_worker_config(
         **_common(values, sources),
         worker_id=values["worker_id"] or values["username"] or _default_worker_id(),
         max_sessions=values["max_sessions"],
-        metrics_listen=_hostport_of(values["metrics_listen"], 9464),
+        metrics_listen=_hostport_of(values["metrics_listen"]),
     )
 
 

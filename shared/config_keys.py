@@ -130,18 +130,23 @@ def _str(pattern: str | None = None, what: str = "a non-empty string") -> Parser
     return parse
 
 
-def _hostport(*, allow_zero: bool = False) -> Parser:
-    allowed = "HOST:PORT with a port from {} to 65535, e.g. 127.0.0.1:1883 or [::1]:1883 (no scheme)"
-    allowed = allowed.format(0 if allow_zero else 1)
+def _hostport(*, listen: bool = False) -> Parser:
+    """Broker addresses may omit the port; listen addresses need one (0 = any free port)."""
+    if listen:
+        allowed = "HOST:PORT to listen on, port 0 to 65535, e.g. 127.0.0.1:8000 or [::]:9464"
+    else:
+        allowed = "HOST or HOST:PORT, port 1 to 65535, e.g. 127.0.0.1:1883 or [::1]:8883 (no scheme)"
 
     def parse(v: Any, text: bool) -> tuple[str, int | None]:
-        if not isinstance(v, str):
-            raise BadValue(allowed)
-        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([A-Za-z0-9_.-]+)(?::(\d+))?", v.strip())
+        m = (
+            re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([A-Za-z0-9_.-]+)(?::(\d+))?", v.strip())
+            if isinstance(v, str)
+            else None
+        )
         if not m:
             raise BadValue(allowed)
         host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-        if port is not None and not (0 if allow_zero else 1) <= int(port) <= 65535:
+        if (port is None and listen) or (port is not None and not (0 if listen else 1) <= int(port) <= 65535):
             raise BadValue(allowed)
         return host, None if port is None else int(port)
 
@@ -198,11 +203,11 @@ KEYS: dict[str, _Key] = {
         _Key("mode", _E, _choice("speculative", "cloud-only", "edge-only"), "speculative", "decoding mode"),
         _Key("on_cloud_unreachable", _E, _choice("draft", "wait", "fail"), "draft", "fallback policy"),
         _Key("round_timeout_ms", _E, _int(1, 600_000), 2000, "deadline of one verify round"),
-        _Key("listen", _E, _hostport(allow_zero=True), "127.0.0.1:8000", "local HTTP API HOST:PORT"),
+        _Key("listen", _E, _hostport(listen=True), "127.0.0.1:8000", "local HTTP API HOST:PORT"),
         _Key("max_queue", _E, _int(1, 100_000), 16, "pending HTTP requests before 503"),
         _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
         _Key("max_sessions", _W, _int(1, 1_000_000), 64, "sessions kept (LRU beyond)"),
-        _Key("metrics_listen", _W, _hostport(allow_zero=True), None, "Prometheus HOST:PORT (unset = off)"),
+        _Key("metrics_listen", _W, _hostport(listen=True), None, "Prometheus HOST:PORT (unset = off)"),
         _Key("log_level", _BOTH, _choice(*_LEVELS, fold=True), "info", "log level"),
         _Key("log_json", _BOTH, _bool, False, "log one JSON object per line"),
         _Key("cache", _BOTH, _ANY, None, "folder for converted model weights", path=True),
