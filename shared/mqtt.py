@@ -54,6 +54,7 @@ CBOR = "application/cbor"
 # CONNACK reason codes that mean "who you are is refused", not "the broker is unwell".
 _AUTH_CODES = {0x85, 0x86, 0x87, 0x8A, 0x8C}  # bad client id, bad user/pw, not authorized, banned, bad auth
 _SESSION_TAKEN_OVER = 0x8E
+_STABLE_S = 5.0  # a connection up this long resets the reconnect backoff
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ class MqttClient:
         self._ever_connected = False
         self._stop = threading.Event()
         self._closing = False
+        self._up_since: float | None = None  # monotonic time of the last successful CONNACK
+        self._quick_drops = 0  # established connections lost within _STABLE_S, in a row
         self._disconnected = threading.Event()
         self._thread: threading.Thread | None = None
         self._paho = self._make_paho(will)
@@ -255,19 +258,21 @@ class MqttClient:
             raise _refusal(cfg, code)
 
     def _run(self) -> None:
-        """The network thread: paho's loop, and reconnection with exponential backoff + jitter."""
+        """The network thread: paho's loop, and reconnection with exponential backoff + jitter.
+
+        The backoff starts again from the minimum only after a connection that stayed up
+        ``_STABLE_S``; so two clients fighting over one username slow down instead of spinning."""
         delay = self._delays[0]
         while not self._stop.is_set():
-            rc = self._paho.loop(timeout=0.5)
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                if self.connected.is_set():
-                    delay = self._delays[0]
+            if self._paho.loop(timeout=0.5) == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 continue
             if not self._ever_connected:  # lost before the first CONNACK: connect() reports it
                 self._connack_event.set()
                 break
             if self._stop.is_set():
                 break
+            if self._quick_drops == 0:
+                delay = self._delays[0]
             self._stop.wait(random.uniform(delay / 2, delay))
             delay = min(delay * 2, self._delays[1])
             if self._stop.is_set():
@@ -286,6 +291,7 @@ class MqttClient:
                     "broker at %s refused the reconnect: %s", self.config.address, _refusal(self.config, code)
                 )
             return
+        self._up_since = time.monotonic()
         if not self._ever_connected:
             self._ever_connected = True
             self.connected.set()
@@ -314,15 +320,18 @@ class MqttClient:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._disconnected.set()
-        if code.value == _SESSION_TAKEN_OVER:
-            log.error(
-                "the broker at %s handed client id %r to a newer connection with the same username; "
-                "not reconnecting. Give every device and worker its own username.",
-                self.config.address,
-                self.client_id,
-            )
-            self._stop.set()
-        elif was_connected and not self._closing:
+        if self._up_since is not None:  # a session that had been established is gone
+            up_for, self._up_since = time.monotonic() - self._up_since, None
+            self._quick_drops = 0 if up_for >= _STABLE_S else self._quick_drops + 1
+            if code.value == _SESSION_TAKEN_OVER or self._quick_drops == 3:
+                log.error(
+                    "the connection to %s as %r keeps being dropped right after it is made: another "
+                    "client probably uses the same username (the broker gives the session to the "
+                    "newest connection). Give every device and worker its own username.",
+                    self.config.address,
+                    self.config.username or self.client_id,
+                )
+        if was_connected and not self._closing:
             log.warning("lost the broker at %s (%s); reconnecting", self.config.address, code)
 
     # -- subscriptions ----------------------------------------------------------------------

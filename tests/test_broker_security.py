@@ -1,0 +1,144 @@
+"""The production broker config (TLS, passwords, ACL of DESIGN §2) keeps devices apart.
+
+Mosquitto accepts a subscription the ACL forbids and drops a forbidden publish without telling
+the subscribers, so every test asserts on delivery (what arrives, what does not), and each has a
+positive control that the same path works for the rightful owner.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import time
+
+import pytest
+
+from shared.errors import BrokerAuthError, BrokerError
+from shared.mqtt import Incoming
+from shared.topics import OPEN_SHARED_FILTER, UP_FILTER, down_topic, open_topic, status_topic, up_topic
+from tests.brokers import BROKER_DIR
+
+
+def _get(q: queue.Queue[Incoming], timeout: float = 3.0) -> Incoming:
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no message within {timeout} s") from None
+
+
+def _drain(q: queue.Queue[Incoming], wait: float = 0.3) -> list[str]:
+    topics = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            topics.append(q.get(timeout=left).topic)
+        except queue.Empty:
+            break
+    return topics
+
+
+def test_device_receives_nothing_of_another_devices_down(prod_broker, mqtt_clients, uid):
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_b = mqtt_clients.make(prod_broker.config("devB"))
+    worker = mqtt_clients.make(prod_broker.config("worker1"))
+    dev_a.subscribe("spececd/v1/devB/+/down")  # accepted by the broker, must deliver nothing
+    dev_a.subscribe("#")
+    dev_b.subscribe(down_topic("devB", uid))
+
+    worker.publish(down_topic("devB", uid), b"verdict for B", wait=True)
+    assert _get(dev_b.messages).payload == b"verdict for B"  # the rightful owner gets it
+    assert _drain(dev_a.messages) == []
+
+
+def test_device_cannot_write_another_devices_open_or_up(prod_broker, mqtt_clients, uid):
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    worker = mqtt_clients.make(prod_broker.config("worker1"))
+    worker.subscribe(OPEN_SHARED_FILTER)
+    worker.subscribe(UP_FILTER)
+
+    dev_a.publish(open_topic("devB"), b"forged open")
+    dev_a.publish(up_topic("devB", uid), b"forged draft")
+    with pytest.raises(BrokerAuthError, match="refused the publish"):  # PUBACK says "Not authorized"
+        dev_a.publish(up_topic("devB", uid), b"forged draft", wait=True)
+    dev_a.publish(open_topic("devA"), b"own open", wait=True)
+    dev_a.publish(up_topic("devA", uid), b"own draft", wait=True)
+
+    got = _drain(worker.messages, wait=0.5)
+    assert got == [open_topic("devA"), up_topic("devA", uid)]
+
+
+def test_device_cannot_forge_answers_or_worker_status(prod_broker, mqtt_clients, uid):
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_b = mqtt_clients.make(prod_broker.config("devB"))
+    dev_b.subscribe(down_topic("devB", uid))
+    dev_b.subscribe(status_topic("worker1"))
+
+    dev_a.publish(down_topic("devB", uid), b"forged verdict")
+    dev_a.publish(status_topic("worker1"), b"offline", content_type=None)
+    assert _drain(dev_b.messages) == []
+
+
+def test_worker_writes_only_its_own_status(prod_broker, mqtt_clients, uid):
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_a.subscribe(status_topic("worker1"))
+    dev_a.subscribe(status_topic("worker2"))
+    worker1 = mqtt_clients.make(prod_broker.config("worker1"))
+
+    worker1.publish(status_topic("worker2"), b"offline", content_type=None)
+    worker1.publish(status_topic("worker1"), uid.encode(), content_type=None, wait=True)
+    msg = _get(dev_a.messages)
+    assert (msg.topic, msg.payload) == (status_topic("worker1"), uid.encode())
+    assert _drain(dev_a.messages) == []
+
+
+@pytest.mark.parametrize(("username", "password"), [(None, None), ("devA", "wrong"), ("stranger", "pw-devA")])
+def test_bad_credentials_are_refused_with_advice(prod_broker, mqtt_clients, username, password):
+    config = prod_broker.config(username, password=password)
+    with pytest.raises(BrokerAuthError) as err:
+        mqtt_clients.make(config, client_id=username or "anon")
+    text = str(err.value)
+    assert f"localhost:{prod_broker.port}" in text
+    assert "password" in text and "add-device.sh" in text
+
+
+def test_client_id_of_another_device_cannot_be_taken_over(prod_broker, mqtt_clients, uid):
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_a.subscribe(down_topic("devA", uid))
+    impostor = mqtt_clients.make(prod_broker.config("devB"), client_id="devA")
+    assert impostor.connected.is_set()  # connected, but as "devB" (use_username_as_clientid)
+
+    time.sleep(0.2)
+    assert dev_a.connected.is_set()
+    mqtt_clients.make(prod_broker.config("worker2")).publish(down_topic("devA", uid), b"still mine")
+    assert _get(dev_a.messages).payload == b"still mine"
+
+
+def test_two_clients_with_one_username_back_off_and_say_why(prod_broker, mqtt_clients, uid, caplog):
+    """The broker gives a username's session to the newest connection; the loser's reconnects
+    must slow down (growing backoff) and its log must name the cause."""
+    first = mqtt_clients.make(prod_broker.config("devB"), reconnect_min_delay=0.05)
+    reconnects = []
+    first.on_reconnect.append(lambda: reconnects.append(time.monotonic()))
+    mqtt_clients.make(prod_broker.config("devB"), client_id=f"other-{uid}", reconnect_min_delay=0.05)
+    time.sleep(2.0)
+    # Without backoff growth: one takeover every ~0.05 s, i.e. ~40 reconnects in 2 s.
+    assert 1 <= len(reconnects) <= 8
+    assert any("same username" in r.getMessage() and "devB" in r.getMessage() for r in caplog.records)
+
+
+def test_tls_with_the_wrong_ca_fails_clearly(prod_broker, mqtt_clients, tmp_path):
+    subprocess.run([str(BROKER_DIR / "make-dev-ca.sh"), str(tmp_path)], check=True, capture_output=True)
+    config = prod_broker.config("devA", ca_file=tmp_path / "ca.crt")
+    with pytest.raises(BrokerError, match="CA file") as err:
+        mqtt_clients.make(config)
+    assert not isinstance(err.value, BrokerAuthError)
+    assert "certificate verify failed" in str(err.value)
+
+
+def test_plain_mqtt_to_the_tls_listener_fails_clearly(prod_broker, mqtt_clients):
+    config = prod_broker.config("devA")
+    plain = type(config)(host=config.host, port=config.port, username="devA", password="pw-devA")
+    start = time.monotonic()
+    with pytest.raises(BrokerError, match="TLS vs plain"):
+        mqtt_clients.make(plain)
+    assert time.monotonic() - start < 3
