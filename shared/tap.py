@@ -1,0 +1,147 @@
+"""``spececd-tap``: watch SpecECD traffic on a broker, decoded.
+
+    spececd-tap                                   # everything under spececd/ on 127.0.0.1:1883
+    spececd-tap 'spececd/v1/devA/+/down' --count 5
+    spececd-tap --broker mqtt.example.org:8883 --ca-file ca.crt --username ops --password-file pw
+
+Each message is printed as one header line (topic, message type, payload size, MQTT 5
+properties) and one line of fields. CBOR payloads are decoded with ``shared.protocol.decode``;
+text payloads (a worker's retained ``online``/``offline``) are printed as text; anything else is
+shown as malformed with the decoder's error and the first bytes in hex. The tap never crashes on
+a payload.
+
+On a production broker, log in with a username of its own: the broker gives each username one
+connection (``use_username_as_clientid``), so tapping as a device or worker kicks that client off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import queue
+import sys
+import time
+import uuid
+from typing import TextIO
+
+from shared.errors import BrokerError, ProtocolError
+from shared.mqtt import CBOR, BrokerConfig, Incoming, TLSConfig, make_client, read_password_file
+from shared.protocol import decode
+from shared.topics import ALL_FILTER
+
+_SHOW_ITEMS = 8  # long id lists are cut to this many items
+
+
+def format_message(msg: Incoming) -> str:
+    """Two lines describing ``msg``: header (topic, type, size, properties) and the decoded fields."""
+    props = []
+    if msg.content_type is not None:
+        props.append(f"content-type={msg.content_type}")
+    if msg.response_topic is not None:
+        props.append(f"response-topic={msg.response_topic}")
+    if msg.correlation_data is not None:
+        props.append(f"correlation-data={msg.correlation_data.hex()}")
+    if msg.message_expiry is not None:
+        props.append(f"expiry={msg.message_expiry}s")
+    if msg.retain:
+        props.append("retained")
+    kind, body = _describe(msg)
+    return f"{msg.topic}  {kind}  {len(msg.payload)} B  [{' '.join(props)}]\n    {body}"
+
+
+def _describe(msg: Incoming) -> tuple[str, str]:
+    try:
+        decoded = decode(msg.payload)
+    except ProtocolError as exc:
+        text = _as_text(msg.payload)
+        if text is not None and msg.content_type != CBOR:
+            return "text", repr(text)
+        return "MALFORMED", f"{exc}; payload starts {msg.payload[:32].hex()}"
+    except Exception as exc:  # a decoder bug must not stop the tap either
+        return "MALFORMED", f"decoder raised {type(exc).__name__}: {exc}"
+    fields = " ".join(f"{f.name}={_short(getattr(decoded, f.name))}" for f in dataclasses.fields(decoded))
+    return getattr(decoded, "T", type(decoded).__name__), fields
+
+
+def _as_text(payload: bytes) -> str | None:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _short(value: object) -> str:
+    if isinstance(value, tuple) and len(value) > _SHOW_ITEMS:
+        head = ", ".join(_short(v) for v in value[:_SHOW_ITEMS])
+        return f"({head}, ... {len(value) - _SHOW_ITEMS} more)"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_short(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inner = ", ".join(f"{f.name}={_short(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({inner})"
+    return repr(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spececd-tap", description="Print SpecECD MQTT traffic, decoded.")
+    p.add_argument("filter", nargs="?", default=ALL_FILTER, help=f"topic filter (default {ALL_FILTER})")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default 127.0.0.1:1883)")
+    p.add_argument("--username", help="MQTT username (use one of its own on a production broker)")
+    p.add_argument("--password-file", help="file whose first line is the password")
+    p.add_argument("--ca-file", help="CA certificate of the broker: turns TLS on")
+    p.add_argument("--cert-file", help="client certificate (TLS)")
+    p.add_argument("--key-file", help="client key (TLS)")
+    p.add_argument("--insecure", action="store_true", help="TLS without the host name check")
+    p.add_argument("--count", type=int, default=0, help="exit after N messages (default: run until ^C)")
+    p.add_argument("--timeout", type=float, default=0, help="exit with status 1 after S seconds")
+    return p
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the tap; return the exit status (0 done, 1 timed out, 2 broker or usage error)."""
+    args = _parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        tls = None
+        if args.ca_file:
+            tls = TLSConfig(args.ca_file, args.cert_file, args.key_file, insecure=args.insecure)
+        password = read_password_file(args.password_file) if args.password_file else None
+        config = BrokerConfig.parse_hostport(args.broker, username=args.username, password=password, tls=tls)
+        client = make_client(config, client_id=args.username or f"spececd-tap-{uuid.uuid4().hex[:8]}")
+        client.connect(timeout=10)
+    except BrokerError as exc:
+        print(f"spececd-tap: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client.subscribe(args.filter)
+        print(f"spececd-tap: subscribed to {args.filter} on {config.address}", file=sys.stderr, flush=True)
+        return _print_loop(client.messages, out, count=args.count, timeout=args.timeout)
+    except BrokerError as exc:
+        print(f"spececd-tap: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+
+
+def _print_loop(messages: queue.Queue[Incoming], out: TextIO, *, count: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    seen = 0
+    while count <= 0 or seen < count:
+        wait = 1.0 if deadline is None else deadline - time.monotonic()
+        if wait <= 0:
+            print(f"spececd-tap: timed out after {timeout} s ({seen} of {count} messages)", file=sys.stderr)
+            return 1
+        try:
+            msg = messages.get(timeout=min(wait, 1.0))
+        except queue.Empty:
+            continue
+        print(format_message(msg), file=out, flush=True)
+        seen += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
