@@ -34,27 +34,6 @@ import cbor2
 from shared.errors import ProtocolError
 from shared.sampling import SamplingParams, SparseDist
 
-__all__ = [
-    "CONTENT_TYPE",
-    "ERROR_CODES",
-    "MAX_DEPTH",
-    "MAX_GAMMA",
-    "MAX_PAYLOAD_BYTES",
-    "MODES",
-    "PROTOCOL_VERSION",
-    "Close",
-    "Decode",
-    "Draft",
-    "Error",
-    "Message",
-    "Open",
-    "Opened",
-    "Tokens",
-    "Verdict",
-    "decode",
-    "encode",
-]
-
 PROTOCOL_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_DEPTH: Final = 6  # deepest legitimate nesting: map > q array > dist map > typed-array tag
@@ -79,13 +58,19 @@ _WORKER_RE = re.compile(r"[^/+#\x00-\x1f\x7f]{1,128}")  # must be usable as one 
 # --- field validation (raise ProtocolError naming the field) ---------------------------------
 
 
-def _is_int(x: object) -> bool:
-    return type(x) is int  # not bool, not numpy/torch scalars
-
-
 def _count(field: str, x: object, *, limit: int = COUNT_LIMIT) -> None:
-    if not _is_int(x) or not 0 <= x < limit:  # type: ignore[operator]
+    if type(x) is not int or not 0 <= x < limit:  # not bool, not numpy/torch scalars
         raise ProtocolError(field, f"must be an int in [0, {limit}), got {x!r}")
+
+
+def _counts(obj: object, *fields: str) -> None:
+    for field in fields:
+        _count(field, getattr(obj, field))
+
+
+def _one_of(field: str, x: object, allowed: frozenset[str]) -> None:
+    if not isinstance(x, str) or x not in allowed:
+        raise ProtocolError(field, f"must be one of {sorted(allowed)}, got {x!r:.80}")
 
 
 def _sid(field: str, x: object) -> None:
@@ -145,15 +130,13 @@ class Open:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
+        _counts(self, "epoch", "max_new")
         _ids(self, "ctx", min_len=1)
         if not isinstance(self.sampling, SamplingParams):
             raise ProtocolError("sampling", f"must be a SamplingParams, got {type(self.sampling).__name__}")
         _text("draft_model", self.draft_model, MAX_NAME_CHARS)
         _text("target_model", self.target_model, MAX_NAME_CHARS)
-        _count("max_new", self.max_new)
-        if self.mode not in MODES:
-            raise ProtocolError("mode", f"must be one of {sorted(MODES)}, got {self.mode!r}")
+        _one_of("mode", self.mode, MODES)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,12 +151,11 @@ class Opened:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
+        _counts(self, "epoch", "pos")
         if not isinstance(self.worker, str) or _WORKER_RE.fullmatch(self.worker) is None:
             raise ProtocolError(
                 "worker", f"must be 1-128 characters without / + # or controls, got {self.worker!r}"
             )
-        _count("pos", self.pos)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,9 +176,7 @@ class Draft:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
-        _count("seq", self.seq)
-        _count("pos", self.pos)
+        _counts(self, "epoch", "seq", "pos")
         _ids(self, "tok", min_len=1, max_len=MAX_GAMMA)
         if self.q is None:
             return
@@ -232,8 +212,7 @@ class Verdict:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
-        _count("seq", self.seq)
+        _counts(self, "epoch", "seq")
         _count("n_acc", self.n_acc, limit=MAX_GAMMA + 1)
         _count("next", self.next, limit=ID_LIMIT)
         _flag("eos", self.eos)
@@ -261,10 +240,7 @@ class Decode:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
-        _count("seq", self.seq)
-        _count("pos", self.pos)
-        _count("n", self.n)
+        _counts(self, "epoch", "seq", "pos", "n")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,9 +260,7 @@ class Tokens:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        _count("epoch", self.epoch)
-        _count("seq", self.seq)
-        _count("part", self.part)
+        _counts(self, "epoch", "seq", "part")
         _ids(self, "tok", min_len=0)
         _flag("done", self.done)
         _flag("eos", self.eos)
@@ -320,8 +294,7 @@ class Error:
 
     def __post_init__(self) -> None:
         _sid("sid", self.sid)
-        if self.code not in ERROR_CODES:
-            raise ProtocolError("code", f"must be one of {sorted(ERROR_CODES)}, got {self.code!r}")
+        _one_of("code", self.code, ERROR_CODES)
         _text("detail", self.detail, MAX_DETAIL_CHARS)
         if self.seq is not None:
             _count("seq", self.seq)
