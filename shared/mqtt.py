@@ -428,7 +428,7 @@ class MqttClient:
             self._thread.join(timeout)
         self.connected.clear()
         if self._thread is None or not self._thread.is_alive():
-            self._paho._sock_close()  # release the socket now rather than at garbage collection
+            self._paho._reset_sockets()  # close the socket and the wake-up pair now, not at GC
 
     def __enter__(self) -> MqttClient:
         return self
