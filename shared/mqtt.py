@@ -452,7 +452,10 @@ class MqttClient:
         )
         for topic_filter, handler in self._routes:
             if paho.topic_matches_sub(topic_filter, incoming.topic):
-                handler(incoming)
+                try:
+                    handler(incoming)
+                except Exception:  # a raising handler must not kill the network thread
+                    log.exception("message handler for %r failed on %r", topic_filter, incoming.topic)
                 return
         self.messages.put(incoming)
 

@@ -78,6 +78,10 @@ def test_handler_takes_its_filter_and_queue_gets_the_rest(dev_broker, mqtt_clien
     assert _get(got).payload == b"1"
     assert _get(c.messages).payload == b"2"
     _nothing(got, 0.1)
+    c.subscribe(f"{uid}/boom", handler=lambda _m: 1 / 0)
+    c.publish(f"{uid}/boom", b"x")
+    c.publish(f"{uid}/dev/open", b"4")  # the network thread survived the raising handler
+    assert _get(got).payload == b"4"
     c.unsubscribe(f"{uid}/other")
     c.publish(f"{uid}/other", b"3")
     _nothing(c.messages)
