@@ -14,6 +14,14 @@ from tests.brokers import Broker, Clients, mosquitto_missing, start_broker
 # --------------------------------------------------------------------------- general
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models spend their time in per-op overhead: one torch thread is several times faster
+    # than two fighting over 2 cores with the broker and worker processes.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def uid() -> str:
     """A short id unique to this test, for topic segments, session ids and client ids."""

@@ -38,6 +38,7 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 def make_case(kind: str, gamma: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic target p [γ+1, V] and draft q [γ, V] of a named shape."""
+
     def rand_dist(rows: int, temp: float) -> torch.Tensor:
         return (torch.randn(rows, V, generator=gen) / temp).softmax(-1)
 

@@ -1,0 +1,296 @@
+"""The edge's generation loops over any ``VerifierLink`` (DESIGN §4, §5).
+
+Three modes share this module: ``speculative`` (draft on the edge, verify in the cloud),
+``cloud-only`` (the owner decodes with the target alone and streams tokens) and ``edge-only``
+(the draft model alone). Each loop is a generator yielding one :class:`TokenEvent` per token,
+so callers can stream, and :func:`collect` sums them up.
+
+Numbered steps of a speculative round:
+1. draft γ tokens (the drafter rolls its KV cache forward);
+2. send the block, wait for the verdict;
+3. commit n_acc + 1 tokens and crop the draft cache to the committed length.
+On ``resync`` / a lost owner the session is re-opened with ``epoch + 1`` and the full committed
+context; when the cloud is unreachable the policy decides (``draft``: continue with the draft
+model alone, flagging every such token; ``wait``: block until it is back; ``fail``: raise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from edge_agent.drafter import Drafter
+from shared.errors import BrokerError, CloudUnavailableError, SessionError
+from shared.link import VerifierLink
+from shared.protocol import Close, Decode, Draft, Open
+from shared.sampling import SamplingParams
+
+MODES = ("speculative", "cloud-only", "edge-only")
+POLICIES = ("draft", "wait", "fail")
+CLOUD_DECODE_CHUNK = 16  # tokens asked per cloud-only request (streamed back one by one)
+WAIT_POLL_S = 0.5
+
+# TokenEvent.source values
+SRC_DRAFT = "draft"  # a draft token the target accepted
+SRC_TARGET = "target"  # sampled from the target (correction, bonus, or cloud-only)
+SRC_EDGE = "edge"  # edge-only mode: the draft model alone, by request
+SRC_FALLBACK = "fallback"  # the draft model alone because the cloud was unreachable: unverified
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStats:
+    """One round trip to the verifier."""
+
+    seq: int
+    gamma: int
+    n_acc: int
+    alpha: tuple[float, ...]  # theoretical acceptance of each judged position
+    draft_ms: float
+    link_ms: float  # wall time of the verify call
+    verify_ms: float  # target forward + acceptance, on the worker
+    queue_ms: float  # waiting on the worker before model work
+    codec_ms: float  # encode + decode on the edge
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def judged(self) -> int:
+        """Draft positions actually judged: the accepted ones plus the first rejected one."""
+        return min(self.n_acc + 1, self.gamma)
+
+    @property
+    def network_ms(self) -> float:
+        """Round time that is neither draft nor verify compute: broker, network, worker queue."""
+        return max(0.0, self.link_ms - self.verify_ms - self.codec_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token: int
+    source: str
+    round: RoundStats | None = None  # set on the last token of a round
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    """Options of one generation (keyword-only)."""
+
+    mode: str = "speculative"
+    gamma: int = 4
+    max_new_tokens: int = 64
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_cloud_unreachable: str = "draft"
+    draft_model: str = ""
+    target_model: str = ""
+    wait_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.on_cloud_unreachable not in POLICIES:
+            raise ValueError(
+                f"on_cloud_unreachable must be one of {POLICIES}, got {self.on_cloud_unreachable!r}"
+            )
+        if not 1 <= self.gamma <= 64:
+            raise ValueError(f"gamma must be in 1..64, got {self.gamma}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SessionState:
+    """The session's identity and counters; pass one to :func:`generate` to read them afterwards."""
+
+    sid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    epoch: int = -1
+    seq: int = 0
+    open: bool = False
+    failovers: int = 0
+    resyncs: int = 0
+
+
+def generate(
+    drafter: Drafter | None,
+    link: VerifierLink | None,
+    prompt_ids: list[int],
+    opts: GenerateOptions,
+    *,
+    eos_ids: frozenset[int] = frozenset(),
+    state: SessionState | None = None,
+) -> Iterator[TokenEvent]:
+    """Generate up to ``opts.max_new_tokens`` tokens after ``prompt_ids``; stops after an EOS."""
+    st = state if state is not None else SessionState()
+    if opts.mode == "edge-only":
+        assert drafter is not None, "edge-only needs a drafter"
+        loop = _edge_only(drafter, prompt_ids, opts, SRC_EDGE)
+    elif opts.mode == "cloud-only":
+        assert link is not None, "cloud-only needs a link"
+        loop = _cloud_only(link, prompt_ids, opts, st)
+    else:
+        assert drafter is not None and link is not None, "speculative needs a drafter and a link"
+        loop = _speculative(drafter, link, prompt_ids, opts, st)
+    for emitted, event in enumerate(loop, start=1):
+        yield event
+        if event.token in eos_ids or emitted >= opts.max_new_tokens:
+            loop.close()
+            return
+
+
+def _edge_only(
+    drafter: Drafter, prompt_ids: list[int], opts: GenerateOptions, source: str
+) -> Iterator[TokenEvent]:
+    drafter.reset(prompt_ids, opts.params)
+    while True:
+        block = drafter.propose(1)
+        drafter.commit(1, list(block.tokens))
+        yield TokenEvent(block.tokens[0], source)
+
+
+def _open(link: VerifierLink, st: SessionState, ctx: list[int], opts: GenerateOptions, mode: str) -> None:
+    """(Re-)open the session with the next epoch and the full committed context."""
+    st.epoch += 1
+    link.open(
+        Open(
+            sid=st.sid,
+            epoch=st.epoch,
+            ctx=tuple(ctx),
+            sampling=opts.params,
+            draft_model=opts.draft_model,
+            target_model=opts.target_model,
+            max_new=opts.max_new_tokens,
+            mode=mode,
+        )
+    )
+    st.open = True
+
+
+def _handle_session_error(exc: SessionError, st: SessionState) -> None:
+    """Resync / lost owner: re-open next round. Anything else is not recoverable here."""
+    if exc.code == "worker_lost":
+        st.failovers += 1
+    elif exc.code in ("resync", "stale_epoch"):
+        st.resyncs += 1
+    else:
+        raise exc
+    st.open = False
+
+
+def _wait_for_cloud(link: VerifierLink, opts: GenerateOptions, exc: Exception) -> None:
+    deadline = time.monotonic() + opts.wait_timeout_s
+    while not link.available():
+        if time.monotonic() > deadline:
+            raise CloudUnavailableError(
+                f"cloud still unreachable after {opts.wait_timeout_s:.0f} s: {exc}"
+            ) from exc
+        time.sleep(WAIT_POLL_S)
+
+
+def _speculative(
+    drafter: Drafter, link: VerifierLink, prompt_ids: list[int], opts: GenerateOptions, st: SessionState
+) -> Iterator[TokenEvent]:
+    drafter.reset(prompt_ids, opts.params)
+    try:
+        while True:
+            try:
+                if not st.open:
+                    _open(link, st, drafter.committed, opts, "speculative")
+                block = drafter.propose(opts.gamma)  # 1. draft
+                t0 = time.perf_counter()
+                draft = Draft(
+                    sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
+                )
+                verdict = link.verify(draft)  # 2. verify
+                link_ms = (time.perf_counter() - t0) * 1e3
+            except SessionError as exc:
+                drafter.rollback()
+                _handle_session_error(exc, st)
+                continue
+            except (BrokerError, CloudUnavailableError) as exc:
+                drafter.rollback()
+                st.open = False
+                if opts.on_cloud_unreachable == "fail":
+                    raise CloudUnavailableError(f"cloud unreachable and the policy is 'fail': {exc}") from exc
+                if opts.on_cloud_unreachable == "wait":
+                    _wait_for_cloud(link, opts, exc)
+                    continue
+                yield from _fallback_until_back(drafter, link, opts)
+                continue
+            st.seq += 1
+            n = verdict.n_acc
+            new = [*block.tokens[:n], verdict.next]
+            drafter.commit(n, new)  # 3. commit and crop
+            cost = link.last
+            stats = RoundStats(
+                seq=draft.seq,
+                gamma=len(block.tokens),
+                n_acc=n,
+                alpha=verdict.alpha,
+                draft_ms=block.draft_ms,
+                link_ms=link_ms,
+                verify_ms=verdict.verify_ms,
+                queue_ms=verdict.queue_ms,
+                codec_ms=cost.codec_ms,
+                bytes_up=cost.bytes_up,
+                bytes_down=cost.bytes_down,
+            )
+            for i, tok in enumerate(new):
+                last = i == len(new) - 1
+                yield TokenEvent(tok, SRC_TARGET if last else SRC_DRAFT, stats if last else None)
+    finally:
+        if st.open:
+            _close_quietly(link, st)
+
+
+def _fallback_until_back(drafter: Drafter, link: VerifierLink, opts: GenerateOptions) -> Iterator[TokenEvent]:
+    """Draft-only tokens, flagged, one at a time until the cloud is reachable again."""
+    while True:
+        block = drafter.propose(1)
+        drafter.commit(1, list(block.tokens))
+        yield TokenEvent(block.tokens[0], SRC_FALLBACK)
+        if link.available():
+            return
+
+
+def _cloud_only(
+    link: VerifierLink, prompt_ids: list[int], opts: GenerateOptions, st: SessionState
+) -> Iterator[TokenEvent]:
+    committed = list(prompt_ids)
+    try:
+        while True:
+            try:
+                if not st.open:
+                    _open(link, st, committed, opts, "cloud")
+                t0 = time.perf_counter()
+                req = Decode(sid=st.sid, epoch=st.epoch, seq=st.seq, pos=len(committed), n=CLOUD_DECODE_CHUNK)
+                for part in link.decode(req):
+                    link_ms = (time.perf_counter() - t0) * 1e3
+                    committed.extend(part.tok)
+                    cost = link.last
+                    stats = RoundStats(
+                        seq=req.seq, gamma=0, n_acc=0, alpha=(), draft_ms=0.0, link_ms=link_ms,
+                        verify_ms=part.verify_ms, queue_ms=part.queue_ms, codec_ms=cost.codec_ms,
+                        bytes_up=cost.bytes_up if part.part == 0 else 0, bytes_down=cost.bytes_down,
+                    )  # fmt: skip
+                    for tok in part.tok:
+                        yield TokenEvent(tok, SRC_TARGET, stats)
+                    t0 = time.perf_counter()
+                st.seq += 1
+            except SessionError as exc:
+                _handle_session_error(exc, st)
+            except (BrokerError, CloudUnavailableError) as exc:
+                st.open = False
+                if opts.on_cloud_unreachable == "wait":
+                    _wait_for_cloud(link, opts, exc)
+                    continue
+                raise CloudUnavailableError(f"cloud-only mode and the cloud is unreachable: {exc}") from exc
+    finally:
+        if st.open:
+            _close_quietly(link, st)
+
+
+def _close_quietly(link: VerifierLink, st: SessionState) -> None:
+    with contextlib.suppress(Exception):  # best effort: the worker evicts idle sessions anyway
+        link.close(Close(sid=st.sid, epoch=st.epoch))

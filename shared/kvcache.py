@@ -1,0 +1,34 @@
+"""KV-cache helpers shared by the drafter and the verifier, across transformers releases.
+
+transformers renamed ``past_key_values`` to ``cache`` (5.x, with a deprecation period) and only
+accepts a negative "tokens to remove" in ``DynamicCache.crop``; negative crops work on 4.x too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+import torch
+from transformers import DynamicCache
+
+
+@cache
+def _cache_kwarg(model_cls: type) -> str:
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_cached(model, tokens: list[int], kv: DynamicCache) -> torch.Tensor:
+    """Feed ``tokens`` after what ``kv`` holds (the cache grows in place); return logits [k, V]."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=model.device)  # [1, k]
+    out = model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): kv})
+    return out.logits[0]  # [k, V]
+
+
+def crop(kv: DynamicCache, current_len: int, keep: int) -> int:
+    """Drop cached positions past ``keep``; returns the new length."""
+    if keep < current_len:
+        kv.crop(-(current_len - keep))
+        return keep
+    return current_len
