@@ -8,6 +8,8 @@ forward, which costs about the same as feeding one.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -40,8 +42,13 @@ class DraftBlock:
 class Drafter:
     """Proposes draft blocks from the draft model and rolls back to the committed length."""
 
-    def __init__(self, loaded: LoadedModel, *, sparse_k: int = DEFAULT_SPARSE_K) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, sparse_k: int = DEFAULT_SPARSE_K, lock: threading.Lock | None = None
+    ) -> None:
         self.loaded = loaded
+        # Several drafters (one per concurrent generation) may share one model; the lock keeps
+        # their forward passes from running at once on the same weights and cores.
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.model = loaded.model
         self.vocab_size = loaded.vocab_size
         self.sparse_k = sparse_k
@@ -62,7 +69,8 @@ class Drafter:
     @torch.inference_mode()
     def _next_probs(self, new_tokens: list[int]) -> torch.Tensor:
         """Feed ``new_tokens`` on top of the cache; return the next-token distribution [V]."""
-        logits = forward_cached(self.model, new_tokens, self.cache)[-1, : self.vocab_size]  # [V]
+        with self.lock:
+            logits = forward_cached(self.model, new_tokens, self.cache)[-1, : self.vocab_size]  # [V]
         self.cache_len += len(new_tokens)
         return logits_to_probs(logits, self.params).cpu()
 
