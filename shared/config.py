@@ -221,11 +221,13 @@ def _merge(layers: list[dict[str, tuple[Any, str]]]) -> dict[str, tuple[Any, str
 
 
 # ---------------------------------------------------------------- resolve and build
-def _read_secret_file(key: str, path: str, src: str) -> Secret:
+def _read_secret_file(key: str, path: str, src: str, *, empty_ok: bool = False) -> Secret | None:
     try:
         text = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(key, path, f"a readable file holding the secret ({exc.strerror}; {src})") from exc
+    if not text and empty_ok:
+        return None
     if not text:
         raise ConfigError(key, path, f"a file holding a non-empty secret; it is empty ({src})")
     return Secret(text)
@@ -257,7 +259,10 @@ def _resolve(kind: str, merged: dict[str, tuple[Any, str]]) -> tuple[dict[str, A
             raise ConfigError(path_key, path, f"an existing file (from {sources[path_key]})")
     for secret, file_key in SECRET_PAIRS.items():
         if values.get(file_key) is not None:
-            values[secret] = _read_secret_file(file_key, values[file_key], sources[file_key])
+            # an empty hf_token_file means "no token" (compose mounts the secret either way)
+            values[secret] = _read_secret_file(
+                file_key, values[file_key], sources[file_key], empty_ok=secret == "hf_token"
+            )
             sources[secret] = sources[file_key]
     return values, sources
 

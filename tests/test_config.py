@@ -295,8 +295,9 @@ def test_empty_or_missing_secret_file(tmp_path):
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(ConfigError) as info:
-        load("worker", hf_token_file=str(empty))
-    assert info.value.key == "hf_token_file" and "empty" in info.value.allowed
+        load("worker", password_file=str(empty), username="w1")
+    assert info.value.key == "password_file" and "empty" in info.value.allowed
+    assert load("worker", hf_token_file=str(empty)).hf_token is None  # empty token file: no token
     with pytest.raises(ConfigError) as info:
         load("worker", password_file=str(tmp_path / "none"))
     assert info.value.key == "password_file"
