@@ -195,3 +195,94 @@ def test_setup_files_serve_the_prod_broker_and_its_healthcheck_passes(tmp_path, 
         assert probe(wrong) != 0
     finally:
         broker.stop()
+
+
+def docker_engine_missing() -> str | None:
+    """Why the stack cannot be brought up here, or None."""
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # no engine: DockerException, connection refused, no socket, ...
+        return f"no Docker engine reachable (docker.from_env().ping(): {type(exc).__name__}: {exc})"
+    if compose_cli() is None:
+        return "a Docker engine answers but no compose CLI is installed (docker compose plugin)"
+    return mosquitto_missing()  # setup.sh needs mosquitto_passwd and openssl on the host
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(docker_engine_missing() is not None, reason=str(docker_engine_missing()))
+def test_stack_comes_up_and_serves_one_generation(tmp_path):
+    """The real stack: CPU image of worker1 with a tiny target, the prod broker, one edge generation."""
+    from tests.brokers import free_port
+    from tests.tiny import make_tiny_model_dir
+
+    broker_dir, secrets = run_setup(tmp_path)
+    run_setup(tmp_path, "device", "it-device")
+    model = make_tiny_model_dir(tmp_path / "model", arch="llama")
+    model.chmod(0o755)
+    stack = yaml.safe_load(COMPOSE.read_text())
+    stack = {k: v for k, v in stack.items() if not k.startswith("x-")}
+    del stack["services"]["worker2"]
+    del stack["secrets"]["worker2_password"]
+    worker = stack["services"]["worker1"]
+    del worker["deploy"]  # no GPU on a CI machine
+    worker["build"]["dockerfile"] = "deploy/docker/Dockerfile.worker-cpu"
+    worker["image"] = "spececd-worker:it-cpu"
+    worker["volumes"].append(f"{model}:/models/tiny:ro")
+    worker["environment"].update(SPECECD_TARGET="/models/tiny", SPECECD_DRAFT=str(model))
+    for path in secrets.iterdir():
+        path.chmod(0o644)  # the worker's uid reads them through the bind mount
+    file = tmp_path / "compose.yaml"
+    file.write_text(yaml.safe_dump(stack))
+    port = free_port()
+    project = f"spececd-it-{os.getpid()}"
+    env = {
+        **os.environ,
+        "SPECECD_BROKER_DIR": str(broker_dir),
+        "SPECECD_SECRETS_DIR": str(secrets),
+        "SPECECD_MQTT_PORT": str(port),
+    }
+    base = [*compose_cli(), "-p", project, "-f", str(file), "--project-directory", str(DOCKER)]
+    try:
+        up = subprocess.run(
+            [*base, "up", "-d", "--build", "--wait", "--wait-timeout", "900"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert up.returncode == 0, up.stdout + up.stderr
+        edge_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SPECECD_")},
+            "SPECECD_BROKER": f"localhost:{port}",
+            "SPECECD_TLS_CA": str(broker_dir / "certs" / "ca.crt"),
+            "SPECECD_USERNAME": "it-device",
+            "SPECECD_PASSWORD_FILE": str(secrets / "it-device.password"),
+            "SPECECD_DRAFT": str(model),
+            "SPECECD_TARGET": "/models/tiny",
+            "SPECECD_MODEL_DEVICE": "cpu",
+        }
+        gen = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge_agent.cli",
+                "generate",
+                "--max-new-tokens",
+                "8",
+                "--prompt",
+                "Water boils",
+            ],
+            env=edge_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert gen.returncode == 0, gen.stdout + gen.stderr
+        assert gen.stdout.strip(), "the generation printed nothing"
+    finally:
+        logs = subprocess.run([*base, "logs", "--no-color"], env=env, capture_output=True, text=True)
+        subprocess.run([*base, "down", "-v", "--remove-orphans"], env=env, capture_output=True, timeout=300)
+        print(logs.stdout[-5000:])
