@@ -355,11 +355,10 @@ def _with_tmp_paths(text: str, tmp_path: Path) -> str:
 def test_example_configs_load(tmp_path, kind):
     text = (ROOT / "deploy" / f"{kind}.toml").read_text()
     path = write(tmp_path, _with_tmp_paths(text, tmp_path))
-    cfg = (
-        load_edge_config(path, env={})
-        if kind == "edge"
-        else load_worker_config(path, env={"SPECECD_USERNAME": "w1"})
-    )
+    if kind == "edge":  # the password comes from systemd's EnvironmentFile
+        cfg = load_edge_config(path, env={"SPECECD_PASSWORD": "pw"})
+    else:
+        cfg = load_worker_config(path, env={"SPECECD_USERNAME": "w1"})
     assert cfg.broker.tls
     if kind == "edge":
         assert cfg.device == "kitchen-01" and cfg.broker.password is not None and cfg.watchdog
