@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -514,3 +515,26 @@ def _refusal(cfg: BrokerConfig, code: ReasonCode) -> BrokerError:
             "added to the broker's password file first (broker/add-device.sh, broker/add-worker.sh)."
         )
     return BrokerError(f"the broker at {cfg.address} refused the connection of {who}: {code} ({code.value})")
+
+
+def broker_config_from_settings(settings: Any) -> BrokerConfig:
+    """A ``BrokerConfig`` from ``shared.config.BrokerSettings`` (password from the secret or its file)."""
+    password = settings.password.reveal() if settings.password is not None else None
+    if password is None and settings.password_file:
+        password = read_password_file(settings.password_file)
+    tls = None
+    if settings.tls:
+        tls = TLSConfig(
+            ca_file=settings.tls_ca,
+            cert_file=settings.tls_cert,
+            key_file=settings.tls_key,
+            insecure=settings.tls_insecure,
+        )
+    return BrokerConfig(
+        host=settings.host,
+        port=settings.port,
+        username=settings.username,
+        password=password,
+        tls=tls,
+        keepalive=settings.keepalive,
+    )

@@ -1,0 +1,72 @@
+"""``spececd-worker``: load the target model, serve sessions over MQTT until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cloud_worker.worker import Worker, install_sigterm
+from shared.config import add_config_arguments, config_from_args
+from shared.errors import SpecECDError
+from shared.models import load_model
+from shared.mqtt import broker_config_from_settings
+
+log = logging.getLogger("spececd.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spececd-worker",
+        description="SpecECD cloud worker: verifies draft blocks from edge devices with the target model.",
+    )
+    add_config_arguments(parser, "worker")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args, "worker")
+    except SpecECDError as exc:
+        print(f"spececd-worker: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level, cfg.log_json)
+    metrics = None
+    try:
+        log.info("loading target model %s", cfg.target)
+        target = load_model(cfg.target, device=cfg.model_device, dtype=cfg.dtype)
+        if cfg.metrics_listen is not None:
+            from shared.metrics import WorkerMetrics
+
+            metrics = WorkerMetrics()
+            metrics.serve(cfg.metrics_listen.host, cfg.metrics_listen.port)
+        worker = Worker(
+            target,
+            broker_config_from_settings(cfg.broker),
+            worker_id=cfg.worker_id,
+            draft_name=cfg.draft,
+            max_sessions=cfg.max_sessions,
+            metrics=metrics,
+        )
+        done = install_sigterm(worker)
+        worker.start()
+    except SpecECDError as exc:
+        log.error("%s", exc)
+        print(f"spececd-worker: {exc}", file=sys.stderr)
+        return 1
+    done.wait()
+    return 0
+
+
+def _setup_logging(level: str, json_lines: bool) -> None:
+    try:
+        from shared.logs import setup_logging
+    except ImportError:  # logs module not present: plain logging
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    setup_logging(level, json=json_lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
