@@ -13,6 +13,7 @@ nobody answers raises ``CloudUnavailableError``; a broken broker connection ``Br
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -207,7 +208,8 @@ class MqttLink:
         next_part = 1
         done = first.done
         while not done:
-            part = self._request(msg, lambda r: is_part(r) and r.part == next_part, resend=False)
+            want = next_part
+            part = self._request(msg, lambda r, want=want: is_part(r) and r.part == want, resend=False)
             yield part
             next_part += 1
             done = part.done
@@ -241,10 +243,8 @@ class MqttLink:
         raise SessionError("worker_lost", f"worker {owner} did not answer seq {msg.seq} twice", sid=msg.sid)
 
     def close(self, msg: Close) -> None:
-        try:
+        with contextlib.suppress(BrokerError):  # best effort: idle sessions are evicted anyway
             self._send(topics.up_topic(self.device, msg.sid), msg, response=False)
-        except BrokerError:
-            pass
         self._owner.pop(msg.sid, None)
         with self._inbox_lock:
             self._inbox.pop(msg.sid, None)
