@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ class MqttLink:
         self._inbox_lock = threading.Lock()
         self._workers: dict[str, bool] = {}  # worker id -> online, from the retained status topics
         self._owner: dict[str, str] = {}  # sid -> worker that answered its open
+        self.history: deque[tuple[str, str]] = deque(maxlen=1024)  # (sid, owner) of recent opens
         self._local = threading.local()  # per-thread LinkStats of the last request
 
     # -- connection -----------------------------------------------------------------------------
@@ -93,6 +95,10 @@ class MqttLink:
     def available(self) -> bool:
         """Connected to the broker and at least one worker announces itself online."""
         return self.client.connected.is_set() and any(self._workers.values())
+
+    def owner_of(self, sid: str) -> str | None:
+        """The worker that owns session ``sid`` now (None once closed)."""
+        return self._owner.get(sid)
 
     def workers_online(self) -> list[str]:
         return sorted(w for w, up in self._workers.items() if up)
@@ -188,6 +194,7 @@ class MqttLink:
                 "(`spececd-worker`) or check that it subscribes to this broker"
             )
         self._owner[msg.sid] = reply.worker
+        self.history.append((msg.sid, reply.worker))
         self._local.stats = LinkStats(up, down, codec_ms + dec_ms)
         return reply
 
