@@ -142,7 +142,7 @@ def test_repeated_seq_is_answered_from_memory(rig) -> None:
 
 
 def test_sid_in_payload_must_match_topic(rig) -> None:
-    worker, raw, dev = rig
+    _worker, raw, dev = rig
     open_session(raw, dev, "s7")
     raw.publish(topics.up_topic(dev, "s7"), encode(draft("other")))
     (err,) = replies(raw)
