@@ -1,7 +1,7 @@
 """The edge's OpenAI-compatible API, through the official ``openai`` client and raw HTTP.
 
-The agent runs tiny real models with the in-process verifier (``LocalLink``) behind a real
-uvicorn server on a free port; test_api_mqtt.py runs the same through Mosquitto and a worker.
+The agent runs tiny real models behind a real uvicorn server on a free port: with the
+in-process verifier (``LocalLink``), and at the end through a real Mosquitto and a worker.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_worker.local_link import LocalLink
 from cloud_worker.verifier import Verifier
+from cloud_worker.worker import Worker
 from edge_agent.agent import EdgeAgent
 from edge_agent.api import create_app, start_server
+from edge_agent.mqtt_link import MqttLink
 from edge_agent.speculative import GenerateOptions
+from shared.metrics import WorkerMetrics
 from shared.models import load_model
 from shared.sampling import SamplingParams
 from tests.tiny import make_tiny_model_dir
@@ -276,3 +279,59 @@ def test_cloud_down_with_fail_policy_is_503(models) -> None:
         assert code == 200 and ok["spececd"]["mode"] == "edge-only" and ok["spececd"]["rounds"] == 0
     finally:
         handle.stop()
+
+
+# ------------------------------------------------------------------ through Mosquitto and a worker
+@pytest.fixture
+def mqtt_server(models, dev_broker, uid) -> Iterator:
+    """The API over a real MqttLink to a real worker (in a thread) with its own WorkerMetrics."""
+    metrics = WorkerMetrics()
+    worker = Worker(models[1], dev_broker.config(), worker_id=f"w-{uid}", metrics=metrics)
+    worker.start()
+    link = MqttLink(dev_broker.config(), device=uid, round_timeout_s=5.0, open_timeout_s=5.0)
+    link.connect()
+    agent = make_agent(models, link)
+    handle = start_server(create_app(agent, model_name=MODEL, max_queue=4))
+    http, _ = metrics.serve("127.0.0.1", 0)
+    try:
+        yield handle, worker, http
+    finally:
+        handle.stop()
+        agent.close()
+        worker.stop()
+        http.shutdown()
+        http.server_close()
+
+
+def test_through_mqtt_stream_equals_non_stream_and_in_process(server, mqtt_server) -> None:
+    handle, worker, http = mqtt_server
+    remote = openai.OpenAI(base_url=handle.url, api_key="unused", max_retries=0, timeout=60)
+    local = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    kw = dict(model=MODEL, prompt="MQTT carries CBOR", max_tokens=16, temperature=0)
+    full = remote.completions.create(**kw)
+    assert full.choices[0].text == local.completions.create(**kw).choices[0].text
+    assert full.model_extra["spececd"]["rounds"] > 0
+    assert (
+        "".join(c.choices[0].text for c in remote.completions.create(stream=True, **kw))
+        == full.choices[0].text
+    )
+
+    chat = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Where is Paris?"}], max_tokens=12, temperature=0
+    )
+    answer = remote.chat.completions.create(**chat).choices[0].message.content
+    assert answer == local.chat.completions.create(**chat).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in remote.chat.completions.create(stream=True, **chat)
+    )
+    assert streamed == answer
+
+    text = get_text(f"http://127.0.0.1:{http.server_port}/metrics")
+    values = {
+        s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels
+    }
+    assert values["spececd_worker_sessions_opened_total"] >= 4  # one per generation
+    assert values["spececd_worker_verifications_total"] > 0
+    assert values["spececd_worker_drafted_tokens_total"] >= values["spececd_worker_accepted_tokens_total"]
+    assert values["spececd_worker_verify_seconds_count"] == values["spececd_worker_verifications_total"]
+    assert not worker.bad_messages
