@@ -1,0 +1,101 @@
+"""One benchmark run end to end: processes, models, the schedule, the report files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from bench.cli import UsageError, load_prompts, machine_meta
+from bench.network import setup_network, shutdown_links
+from bench.plots import write_plots
+from bench.procs import Procs
+from bench.report import build_report, markdown
+from bench.runner import NETWORK_MODES, Edge, make_cells, run_all
+
+
+def _progress_bar(total: int, disabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="run", disable=disabled, dynamic_ncols=True)
+
+    def step(rec: dict) -> None:
+        bar.set_postfix_str(f"{rec['cell']} p{rec['prompt']}: {rec['tokens_per_s']:.1f} tok/s", refresh=False)
+        bar.update(1)
+
+    return bar, step
+
+
+def execute(
+    args: argparse.Namespace,
+    draft_spec: str,
+    target_spec: str,
+    pinning: tuple[set[int] | None, set[int] | None, str],
+    *,
+    argv_text: str = "",
+) -> Path:
+    """Run every cell of ``args`` and write report.json, report.md and the plots into ``args.out``."""
+    import torch
+    import transformers
+
+    from shared.models import load_model
+
+    transformers.logging.set_verbosity_error()
+    cells = make_cells(args.modes, args.temperature, args.gamma, args.rtt_ms)
+    edge_cores, worker_cores, pin_text = pinning
+    networked = any(c.mode in NETWORK_MODES for c in cells)
+    need_target = any(c.mode in ("inprocess", "assisted") for c in cells)
+    start_broker = args.start_broker if args.start_broker is not None else args.host is None
+    broker = None if start_broker else (args.host or "127.0.0.1", args.port or 1883)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    old_affinity, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    links: dict = {}
+    meta: dict = {"command": argv_text, **machine_meta(), "draft": draft_spec, "target": target_spec,
+                  "pinning": pin_text, "edge_threads": args.threads, "max_new_tokens": args.max_new_tokens,
+                  "iterations": args.iterations, "num_prompts": args.num_prompts, "seed": args.seed,
+                  "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip
+    with Procs(out / "logs") as procs:
+        try:
+            if networked:  # start the worker first: it loads the target while we load ours
+                rtts = sorted({c.rtt_ms for c in cells if c.rtt_ms is not None})
+                links, net_meta = setup_network(
+                    procs, broker=broker, rtts=rtts, target_spec=target_spec, draft_name=draft_spec,
+                    worker_cores=worker_cores, round_timeout_s=args.round_timeout_s,
+                    worker_timeout_s=args.worker_timeout_s,
+                )  # fmt: skip
+                meta.update(net_meta)
+            if edge_cores:
+                os.sched_setaffinity(0, edge_cores)
+            torch.set_num_threads(args.threads)
+            draft = load_model(draft_spec)
+            target = load_model(target_spec) if need_target else None
+            try:
+                prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
+            except UsageError:
+                raise
+            edge = Edge(draft, target, links, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                        top_p=args.top_p, draft_name=draft_spec, target_name=target_spec)  # fmt: skip
+            total = len(cells) * len(prompts) * args.iterations
+            bar, step = _progress_bar(total, args.no_progress)
+            with bar:
+                runs = run_all(edge, cells, prompts, iterations=args.iterations, seed=args.seed,
+                               progress=step, warmup_tokens=args.warmup_tokens)  # fmt: skip
+        finally:
+            shutdown_links(links)
+            os.sched_setaffinity(0, old_affinity)
+            torch.set_num_threads(old_threads)
+    meta["prompts"] = [f"{p.index}: [{p.category}] {p.text}" for p in prompts]
+    meta["notes"] = [
+        "every model forward runs on one torch thread of one core in every mode; the in-process modes "
+        "(inprocess, assisted, edge-only) run both models in the edge process on the edge's core",
+        "RTT 0 connects the edge straight to the broker; other RTTs go through bench/delay_proxy.py",
+    ]
+    report = build_report(cells, runs, meta)
+    plots = write_plots(report, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out / "report.md").write_text(markdown(report, plots))
+    logging.getLogger(__name__).info("wrote %s", out)
+    return out

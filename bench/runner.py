@@ -1,0 +1,215 @@
+"""Running the benchmark's cells: every mode on the same prompts and seeds, one run at a time.
+
+A *cell* is one mode at one setting: temperature always, γ for the modes that draft
+(speculative, inprocess, assisted), RTT for the networked modes (speculative, cloud-only). A run
+is one generation of one cell on one prompt in one iteration. Runs are interleaved prompt-major
+(for each iteration, for each prompt, every cell), so a slow spell of the machine hits all
+modes alike instead of one.
+
+Compute placement (DESIGN §7): this process (the edge) is pinned to one core with one torch
+thread; the worker process to another core, one thread. The in-process modes (inprocess,
+assisted, edge-only) run both models in this process, on the edge's core, one thread: draft
+and verify never overlap in a speculative round anyway, so every model forward in every mode
+runs on one thread of one core and the modes differ only in what is around the compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from bench.assisted import run_assisted
+from bench.inprocess import InProcessPair
+from edge_agent.drafter import Drafter
+from edge_agent.results import collect
+from edge_agent.speculative import GenerateOptions, RoundStats, SessionState, generate
+from shared.link import VerifierLink
+from shared.models import LoadedModel
+from shared.sampling import SamplingParams
+
+MODES = ("speculative", "cloud-only", "edge-only", "inprocess", "assisted")
+NETWORK_MODES = frozenset({"speculative", "cloud-only"})
+GAMMA_MODES = frozenset({"speculative", "inprocess", "assisted"})
+TARGET_MODES = frozenset({"speculative", "cloud-only", "inprocess", "assisted"})  # follow the target
+_LOOP_MODE = {"speculative": "speculative", "inprocess": "speculative", "cloud-only": "cloud-only",
+              "edge-only": "edge-only"}  # fmt: skip
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One mode at one setting; ``gamma``/``rtt_ms`` are None where the mode does not use them."""
+
+    mode: str
+    temperature: float
+    gamma: int | None = None
+    rtt_ms: float | None = None
+
+    @property
+    def key(self) -> str:
+        parts = [self.mode, f"T={self.temperature:g}"]
+        if self.gamma is not None:
+            parts.append(f"γ={self.gamma}")
+        if self.rtt_ms is not None:
+            parts.append(f"rtt={self.rtt_ms:g}ms")
+        return " ".join(parts)
+
+    def comparable(self, other: Cell) -> bool:
+        """Same temperature, and the same γ / RTT wherever both cells have one."""
+        if self.temperature != other.temperature:
+            return False
+        if self.gamma is not None and other.gamma is not None and self.gamma != other.gamma:
+            return False
+        return not (self.rtt_ms is not None and other.rtt_ms is not None and self.rtt_ms != other.rtt_ms)
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "mode": self.mode, "temperature": self.temperature,
+                "gamma": self.gamma, "rtt_ms": self.rtt_ms}  # fmt: skip
+
+
+def make_cells(
+    modes: list[str], temperatures: list[float], gammas: list[int], rtts: list[float]
+) -> list[Cell]:
+    """Every distinct cell of the sweep (a mode that ignores γ or RTT appears once per value of the rest)."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    cells: list[Cell] = []
+    for mode, temp in itertools.product(modes, temperatures):
+        gs: list[int | None] = list(gammas) if mode in GAMMA_MODES else [None]
+        rs: list[float | None] = list(rtts) if mode in NETWORK_MODES else [None]
+        for g, r in itertools.product(gs, rs):
+            cell = Cell(mode, float(temp), g, None if r is None else float(r))
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def round_record(r: RoundStats) -> dict:
+    """The per-round figures the report breaks down (milliseconds and bytes)."""
+    return {
+        "gamma": r.gamma,
+        "n_acc": r.n_acc,
+        "draft_ms": round(r.draft_ms, 3),
+        "codec_ms": round(r.codec_ms, 3),
+        "net_ms": round(max(0.0, r.network_ms - r.queue_ms), 3),  # network + broker, without the queue
+        "queue_ms": round(r.queue_ms, 3),
+        "verify_ms": round(r.verify_ms, 3),
+        "link_ms": round(r.link_ms, 3),
+        "noncompute_ms": round(r.link_ms - r.verify_ms, 3),  # encode + network + broker + queue + decode
+        "bytes_up": r.bytes_up,
+        "bytes_down": r.bytes_down,
+    }
+
+
+class Edge:
+    """The edge side of a run: the draft model, the target when an in-process mode needs it, and
+    one MQTT link per RTT for the networked modes."""
+
+    def __init__(
+        self,
+        draft: LoadedModel,
+        target: LoadedModel | None,
+        links: dict[float, VerifierLink],
+        *,
+        max_new_tokens: int,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        draft_name: str = "",
+        target_name: str = "",
+    ) -> None:
+        self.draft = draft
+        self.target = target
+        self.links = links
+        self.max_new_tokens = max_new_tokens
+        self.top_k, self.top_p = top_k, top_p
+        self.draft_name, self.target_name = draft_name, target_name
+        self.drafter = Drafter(draft)
+        self.pair = InProcessPair.from_models(draft, target) if target is not None else None
+        if self.pair is not None:
+            self.pair.drafter = self.drafter  # one draft KV cache for all modes
+        self.eos_ids = draft.eos_token_ids  # the same set for every mode (one tokenizer)
+
+    def options(self, cell: Cell, seed: int, max_new_tokens: int | None = None) -> GenerateOptions:
+        params = SamplingParams(temperature=cell.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed)
+        return GenerateOptions(
+            mode=_LOOP_MODE.get(cell.mode, "speculative"),
+            gamma=cell.gamma or 1,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            params=params,
+            on_cloud_unreachable="fail",
+            draft_model=self.draft_name,
+            target_model=self.target_name,
+        )
+
+    def run(self, cell: Cell, prompt_ids: list[int], seed: int, *, max_new_tokens: int | None = None) -> dict:
+        """One generation of ``cell``; returns its summary, tokens and rounds."""
+        opts = self.options(cell, seed, max_new_tokens)
+        if cell.mode == "assisted":
+            if self.target is None:
+                raise RuntimeError("assisted mode needs the target model in this process")
+            res = run_assisted(self.draft, self.target, prompt_ids, opts)
+            return {**res.summary(), "token_ids": res.token_ids, "text": res.text, "rounds": []}
+        link: VerifierLink | None
+        if cell.mode in NETWORK_MODES:
+            assert cell.rtt_ms is not None
+            link = self.links[cell.rtt_ms]
+        elif cell.mode == "inprocess":
+            if self.pair is None:
+                raise RuntimeError("inprocess mode needs the target model in this process")
+            link = self.pair.link
+        else:
+            link = None
+        state = SessionState()
+        events = generate(self.drafter, link, prompt_ids, opts, eos_ids=self.eos_ids, state=state)
+        result = collect(events, state=state)
+        text = self.draft.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        rounds = [round_record(r) for r in result.rounds]
+        return {**result.summary(), "token_ids": result.token_ids, "text": text, "rounds": rounds}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    category: str
+    text: str
+    ids: tuple[int, ...]
+
+
+def schedule(
+    cells: list[Cell], prompts: list[Prompt], iterations: int, seed: int
+) -> Iterator[tuple[int, Prompt, Cell, int]]:
+    """(iteration, prompt, cell, seed) in run order: prompt-major, every cell per prompt."""
+    for it in range(iterations):
+        for prompt in prompts:
+            for cell in cells:
+                yield it, prompt, cell, seed + 1000 * it + prompt.index
+
+
+def run_all(
+    edge: Edge,
+    cells: list[Cell],
+    prompts: list[Prompt],
+    *,
+    iterations: int,
+    seed: int,
+    progress: Callable[[dict], None] | None = None,
+    warmup_tokens: int = 4,
+) -> list[dict]:
+    """Warm every (mode, RTT) up once, then run the whole schedule; one record per run."""
+    if warmup_tokens > 0 and prompts:
+        seen: set[tuple[str, float | None]] = set()
+        for cell in cells:
+            if (cell.mode, cell.rtt_ms) not in seen:
+                seen.add((cell.mode, cell.rtt_ms))
+                edge.run(cell, list(prompts[0].ids), seed, max_new_tokens=warmup_tokens)
+    records = []
+    for it, prompt, cell, run_seed in schedule(cells, prompts, iterations, seed):
+        out = edge.run(cell, list(prompt.ids), run_seed)
+        rec = {"cell": cell.key, **cell.as_dict(), "prompt": prompt.index, "category": prompt.category,
+               "iteration": it, "seed": run_seed, **out}  # fmt: skip
+        rec.pop("key", None)
+        records.append(rec)
+        if progress is not None:
+            progress(rec)
+    return records
