@@ -94,7 +94,7 @@ def run(prompt: str, *, max_new_tokens: int, gamma: int, temperature: float) -> 
     with Procs() as procs:
         host, port = procs.start_broker()
         print(f"broker: mosquitto on {host}:{port} (broker/mosquitto-dev.conf)", file=sys.stderr)
-        worker, worker_log = procs.start_worker(
+        worker, _log = procs.start_worker(
             (host, port), target=str(target_dir), draft_name=str(draft_dir), worker_id="demo-worker",
             cores={cores[-1]} if split else None,
         )  # fmt: skip
