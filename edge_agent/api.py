@@ -20,9 +20,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edge_agent.agent import EdgeAgent
+from edge_agent.api_server import ServerHandle, start_server, uvicorn_server
 from edge_agent.api_text import ApiError, GenRequest, Outcome, parse_request, run_job
 from shared.errors import CloudUnavailableError, SpecECDError
 from shared.metrics import CONTENT_TYPE_LATEST, EdgeMetrics
@@ -350,51 +350,6 @@ def _endpoint(request: Request) -> str:
     return path if path in ("/v1/completions", "/v1/chat/completions") else "other"
 
 
-@dataclass
-class ServerHandle:
-    """A uvicorn server running in a background thread (``start_server``)."""
-
-    server: object
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        """Base URL of the OpenAI API (``.../v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the server to exit and wait for its thread."""
-        self.server.should_exit = True  # type: ignore[attr-defined]
-        self.thread.join(timeout)
-
-
-def _uvicorn_server(app: Starlette, host: str, port: int, log_level: str):
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level.lower(), log_config=None, lifespan="on"
-    )
-    return uvicorn.Server(config)
-
-
-def start_server(
-    app: Starlette, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"
-) -> ServerHandle:
-    """Serve ``app`` in a daemon thread; returns once it listens (port 0 picks a free port)."""
-    server = _uvicorn_server(app, host, port, log_level)
-    thread = threading.Thread(target=server.run, name="spececd-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the API server did not start on {host}:{port} (is the port in use?)")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
-    return ServerHandle(server, thread, host, bound)
-
-
 def serve(
     agent: EdgeAgent,
     host: str,
@@ -406,8 +361,13 @@ def serve(
     aliases: Sequence[str] = (),
     metrics: EdgeMetrics | None = None,
     log_level: str = "info",
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve the API on ``host:port`` in this thread until SIGINT/SIGTERM (blocking)."""
+    """Serve the API on ``host:port`` in this thread until SIGINT/SIGTERM (blocking).
+
+    ``on_ready`` is called (from another thread) once the socket listens, e.g. to tell systemd.
+    Returns when the server has shut down; closing the agent is the caller's job.
+    """
     app = create_app(
         agent,
         model_name=model_name,
@@ -416,5 +376,16 @@ def serve(
         aliases=aliases,
         metrics=metrics,
     )
+    server = uvicorn_server(app, host, port, log_level)
+    if on_ready is not None:
+        threading.Thread(target=_when_started, args=(server, on_ready), daemon=True).start()
     log.info("serving the OpenAI-compatible API on http://%s:%d/v1 as %r", host, port, model_name)
-    _uvicorn_server(app, host, port, log_level).run()
+    server.run()
+
+
+def _when_started(server, on_ready: Callable[[], None]) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    on_ready()
