@@ -7,13 +7,15 @@ replaces it). JSON lines carry ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``
 Secrets never reach the output: the handler's :class:`SecretFilter` masks the value of any
 field whose name looks like a credential (``password``, ``token``, ``secret``, ``api_key``,
 ``authorization``, ...), ``key=value`` / ``key: value`` pairs of such names inside messages,
-and any literal secret value registered with :func:`register_secret` (``Secret`` objects of the
-config already mask their own repr). :func:`log_session_start` / :func:`log_session_end` write
-the one line per session that operators grep for.
+and any literal secret value registered with :func:`register_secret` or
+:func:`register_secrets_of` (``Secret`` objects of the config already mask their own repr).
+:func:`log_session_start` / :func:`log_session_end` write the one line per session that
+operators grep for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json as jsonlib
 import logging
 import re
@@ -31,6 +33,7 @@ __all__ = [
     "log_session_end",
     "log_session_start",
     "register_secret",
+    "register_secrets_of",
     "setup_logging",
 ]
 
@@ -61,6 +64,28 @@ def register_secret(value: str | Secret | None) -> None:
     if value and len(value) >= _MIN_SECRET_LEN:
         with _secrets_lock:
             _secrets.add(value)
+
+
+def register_secrets_of(config: Any) -> int:
+    """Register every ``Secret`` held by ``config`` (a config dataclass, nested ones included)
+    with :func:`register_secret`; returns how many were found. Call it right after loading."""
+    found = 0
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> None:
+        nonlocal found
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Secret):
+            register_secret(obj)
+            found += 1
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name))
+
+    walk(config)
+    return found
 
 
 def _mask_text(text: str) -> str:
