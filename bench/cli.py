@@ -124,6 +124,8 @@ def load_prompts(path: Path, n: int, tokenizer) -> list[Prompt]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject values that make no sense before anything slow starts."""
+    if not 1 <= args.num_prompts <= 10:
+        raise UsageError("--num-prompts must be in 1..10")
     if args.iterations < 1:
         raise UsageError("--iterations must be >= 1")
     if args.max_new_tokens < 1:
