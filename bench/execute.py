@@ -53,6 +53,7 @@ def execute(
     out.mkdir(parents=True, exist_ok=True)
     old_affinity, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
     links: dict = {}
+    start_load = [round(x, 2) for x in os.getloadavg()]  # the machine may be shared: say how busy it was
     meta: dict = {"command": argv_text, **machine_meta(), "draft": draft_spec, "target": target_spec,
                   "pinning": pin_text, "edge_threads": args.threads, "max_new_tokens": args.max_new_tokens,
                   "iterations": args.iterations, "num_prompts": args.num_prompts, "seed": args.seed,
@@ -87,6 +88,7 @@ def execute(
             shutdown_links(links)
             os.sched_setaffinity(0, old_affinity)
             torch.set_num_threads(old_threads)
+    meta["load_avg_1_5_15min"] = {"start": start_load, "end": [round(x, 2) for x in os.getloadavg()]}
     meta["prompts"] = [f"{p.index}: [{p.category}] {p.text}" for p in prompts]
     meta["notes"] = [
         "every model forward runs on one torch thread of one core in every mode; the in-process modes "

@@ -149,7 +149,13 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     """The report as Markdown (tables per section; plots linked by relative path)."""
     meta, cells = report["meta"], report["cells"]
     lines = ["# SpecECD benchmark", ""]
-    lines += [f"- {k}: `{v}`" for k, v in meta.items() if k not in ("acceptance_definition", "notes")]
+    for k, v in meta.items():
+        if k in ("acceptance_definition", "notes"):
+            continue
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            lines += [f"- {k}:"] + [f"  - {x}" for x in v]
+        else:
+            lines.append(f"- {k}: `{v}`")
     lines += ["", f"Acceptance: {meta['acceptance_definition']}.", ""]
     lines += [f"Note: {n}" for n in meta.get("notes", [])] + [""]
     lines += ["## Per mode", "",
