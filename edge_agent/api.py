@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -294,12 +295,16 @@ def create_app(
     max_concurrent: int = 1,
     aliases: Sequence[str] = (),
     metrics: EdgeMetrics | None = None,
+    heartbeat: Callable[[], None] | None = None,
+    heartbeat_interval: float = 1.0,
 ) -> Starlette:
     """The ASGI app serving ``agent`` as ``model_name`` (and ``aliases``).
 
     ``metrics``: an ``EdgeMetrics`` already attached to the agent, or None to make and attach one
     (``app.state.metrics``). ``max_queue`` >= 0 requests may wait while ``max_concurrent`` >= 1
-    generate. The thread pool is shut down when the app's lifespan ends.
+    generate. The thread pool is shut down when the app's lifespan ends. ``heartbeat`` is called
+    every ``heartbeat_interval`` s from the event loop (feeds the systemd watchdog: a hung loop
+    stops the pings).
     """
     if max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
@@ -327,7 +332,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        beat = asyncio.create_task(_beat(heartbeat, heartbeat_interval)) if heartbeat else None
         yield
+        if beat is not None:
+            beat.cancel()
         api.pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
@@ -343,6 +351,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.api = api
     return app
+
+
+async def _beat(heartbeat: Callable[[], None], interval: float) -> None:
+    while True:
+        heartbeat()
+        await asyncio.sleep(interval)
 
 
 def _endpoint(request: Request) -> str:
@@ -362,10 +376,13 @@ def serve(
     metrics: EdgeMetrics | None = None,
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
+    heartbeat: Callable[[], None] | None = None,
+    heartbeat_interval: float = 1.0,
 ) -> None:
     """Serve the API on ``host:port`` in this thread until SIGINT/SIGTERM (blocking).
 
-    ``on_ready`` is called (from another thread) once the socket listens, e.g. to tell systemd.
+    ``on_ready`` is called (from another thread) once the socket listens, e.g. to tell systemd;
+    ``heartbeat`` as in :func:`create_app`.
     Returns when the server has shut down; closing the agent is the caller's job.
     """
     app = create_app(
@@ -375,12 +392,22 @@ def serve(
         max_concurrent=max_concurrent,
         aliases=aliases,
         metrics=metrics,
+        heartbeat=heartbeat,
+        heartbeat_interval=heartbeat_interval,
     )
     server = uvicorn_server(app, host, port, log_level)
     if on_ready is not None:
         threading.Thread(target=_when_started, args=(server, on_ready), daemon=True).start()
     log.info("serving the OpenAI-compatible API on http://%s:%d/v1 as %r", host, port, model_name)
-    server.run()
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal at the handler it found:
+    # a no-op one makes serve() return, so the caller can close the agent and exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda _s, _f: None) if main else None
+    try:
+        server.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _when_started(server, on_ready: Callable[[], None]) -> None:

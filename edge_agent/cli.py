@@ -12,13 +12,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from edge_agent.agent import EdgeAgent
+from edge_agent.chat import ApiClientError
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.results import collect
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
 from shared.config import EdgeConfig, add_config_arguments, config_from_args
 from shared.errors import BrokerAuthError, BrokerError, SpecECDError
+from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
 from shared.mqtt import broker_config_from_settings
 from shared.sampling import SamplingParams
@@ -101,6 +104,80 @@ def cmd_generate(args: argparse.Namespace, cfg: EdgeConfig) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, cfg: EdgeConfig) -> int:
+    """The local OpenAI-compatible API on ``listen`` until SIGTERM; READY=1 once it listens."""
+    from edge_agent.api import serve
+    from edge_agent.service import ServiceNotifier
+
+    notifier = ServiceNotifier(watchdog=cfg.watchdog)
+    notifier.status(f"loading draft model {cfg.draft}")
+    agent = build_agent(cfg, status=notifier.status)
+    name = args.model_name or Path(cfg.target.rstrip("/")).name or cfg.target
+    host, port = cfg.listen.host, cfg.listen.port
+    try:
+        serve(
+            agent, host, port, model_name=name, aliases=sorted({cfg.target, "spececd"} - {name}),
+            max_queue=cfg.max_queue, max_concurrent=args.max_concurrent, log_level=cfg.log_level,
+            on_ready=lambda: notifier.ready(status=f"serving {name} on http://{host}:{port}/v1"),
+            heartbeat=notifier.heartbeat, heartbeat_interval=notifier.heartbeat_interval,
+        )  # fmt: skip
+    finally:
+        notifier.stopping("stopping")
+        agent.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, cfg: EdgeConfig | None) -> int:
+    """A chat REPL with a running agent (``--url``) or with an agent loaded here."""
+    from edge_agent.chat import chat_repl
+
+    params = _request_params(args)
+    if args.url:
+        chat_repl(args.url, system=args.system, show_stats=args.stats, **params)
+        return 0
+    assert cfg is not None
+    agent = build_agent(cfg, status=lambda s: log.info("%s", s))
+    try:
+        chat_repl(agent, system=args.system, show_stats=args.stats, **params)
+    finally:
+        agent.close()
+    return 0
+
+
+def cmd_generate_via_api(args: argparse.Namespace) -> int:
+    """``generate --url``: one request to a running agent, streamed unless ``--json``."""
+    from edge_agent.chat import generate_via_api
+
+    reply = generate_via_api(
+        args.url, args.prompt, chat=not args.raw, stream=not args.json,
+        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **_request_params(args),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"text": reply.text, "finish_reason": reply.finish_reason, "usage": reply.usage,
+                          "stats": reply.spececd}))  # fmt: skip
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _request_params(args: argparse.Namespace) -> dict:
+    """API request fields from the flags given on the command line (``--url`` mode)."""
+    out: dict = {}
+    for flag, key, conv in (("max_new_tokens", "max_tokens", int), ("temperature", "temperature", float),
+                            ("top_p", "top_p", float), ("seed", "seed", int)):  # fmt: skip
+        raw = getattr(args, flag, None)
+        if raw is not None:
+            try:
+                out[key] = conv(raw)
+            except ValueError:
+                raise SystemExit(
+                    f"spececd-edge: --{flag.replace('_', '-')} must be a number, got {raw!r}"
+                ) from None
+    if getattr(args, "mode", None):
+        out["mode"] = args.mode
+    return out
+
+
 def _echo(agent: EdgeAgent, events):
     """Print text as tokens arrive (decoding the growing sequence keeps multi-byte characters whole)."""
     ids: list[int] = []
@@ -123,22 +200,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, statistics")
     gen.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+    gen.add_argument(
+        "--url", help="ask a running agent's API (e.g. http://127.0.0.1:8000) instead of loading one"
+    )
     add_config_arguments(gen, "edge")
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on --listen")
+    srv.add_argument("--model-name", help="the model name clients send (default: the target's folder name)")
+    srv.add_argument("--max-concurrent", type=int, default=1, help="generations at once (default 1)")
+    add_config_arguments(srv, "edge")
+    chat = sub.add_parser("chat", help="chat in the terminal (history kept; /reset, /stats, /exit)")
+    chat.add_argument("--url", help="chat with a running agent's API instead of loading one here")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--stats", action="store_true", help="print SpecECD's figures after each answer")
+    add_config_arguments(chat, "edge")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "url", None):  # a client of a running agent: no local config needed
+        setup_logging("WARNING")
+        try:
+            return cmd_generate_via_api(args) if args.command == "generate" else cmd_chat(args, None)
+        except ApiClientError as exc:
+            print(f"spececd-edge: {exc}", file=sys.stderr)
+            return 1
     try:
         cfg = config_from_args(args, "edge")
     except SpecECDError as exc:
         print(f"spececd-edge: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    register_secrets_of(cfg)
+    setup_logging(cfg.log_level, json=cfg.log_json)
     try:
         if args.command == "generate":
             return cmd_generate(args, cfg)
+        if args.command == "serve":
+            return cmd_serve(args, cfg)
+        if args.command == "chat":
+            return cmd_chat(args, cfg)
     except SpecECDError as exc:
         print(f"spececd-edge: {exc}", file=sys.stderr)
         return 1

@@ -1,15 +1,24 @@
-"""``edge_agent.chat``: the stdlib API client and the chat REPL, against a real served agent."""
+"""``edge_agent.chat`` (the stdlib API client, the chat REPL) and the ``spececd-edge`` serve, chat
+and ``generate --url`` subcommands, against a real served agent."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from edge_agent.api import create_app, start_server
 from edge_agent.chat import ApiClientError, api_base, chat_repl, generate_via_api
+from tests.brokers import free_port
 from tests.test_api import MODEL, make_agent, models  # noqa: F401  (models is a fixture)
+from tests.workers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +90,52 @@ def test_repl_reset_and_errors_do_not_end_the_chat(url) -> None:
     history, shown = _repl(url, ["hello", "/reset", "again"])
     assert "(conversation forgotten)" in shown
     assert [m["content"] for m in history if m["role"] == "user"] == ["again"]
+
+
+# ------------------------------------------------------------------ spececd-edge subcommands
+def test_cli_generate_and_chat_with_url(url, capsys, monkeypatch) -> None:
+    from edge_agent.cli import main
+
+    assert (
+        main(["generate", "--url", url, "--raw", "--json", "--max-new-tokens", "6", "The edge device runs"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["usage"]["completion_tokens"] == 6 and out["stats"]["mode"] == "speculative"
+    assert out["text"] == generate_via_api(url, "The edge device runs", chat=False, max_tokens=6).text
+    monkeypatch.setattr("sys.stdin", io.StringIO("Where is Paris?\n/exit\n"))
+    assert main(["chat", "--url", url, "--max-new-tokens", "4", "--stats"]) == 0
+    assert "assistant> " in capsys.readouterr().out
+    assert main(["generate", "--url", "http://127.0.0.1:9", "hi"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_cli_serve_edge_only_answers_and_stops_on_sigterm(models, tmp_path) -> None:  # noqa: F811
+    draft_dir = str(models[0].source)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SPECECD_LOG_JSON": "1"}
+    cmd = [sys.executable, "-m", "edge_agent.cli", "serve", "--mode", "edge-only", "--draft", draft_dir,
+           "--target", "tiny-target", "--listen", f"127.0.0.1:{port}", "--max-new-tokens", "5"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                reply = generate_via_api(
+                    f"127.0.0.1:{port}", "hello", chat=False, model="tiny-target", timeout=5
+                )
+                break
+            except ApiClientError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert reply.usage["completion_tokens"] > 0 and reply.spececd["mode"] == "edge-only"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "session end" and line["mode"] == "edge-only" for line in lines)
