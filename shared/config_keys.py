@@ -204,7 +204,7 @@ KEYS: dict[str, _Key] = {
         _Key("on_cloud_unreachable", _E, _choice("draft", "wait", "fail"), "draft", "fallback policy"),
         _Key("round_timeout_ms", _E, _int(1, 600_000), 2000, "deadline of one verify round"),
         _Key("listen", _E, _hostport(listen=True), "127.0.0.1:8000", "local HTTP API HOST:PORT"),
-        _Key("max_queue", _E, _int(1, 100_000), 16, "pending HTTP requests before 503"),
+        _Key("max_queue", _E, _int(1, 100_000), 16, "pending HTTP requests before 429"),
         _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
         _Key("max_sessions", _W, _int(1, 1_000_000), 64, "sessions kept (LRU beyond)"),
         _Key("metrics_listen", _W, _hostport(listen=True), None, "Prometheus HOST:PORT (unset = off)"),
