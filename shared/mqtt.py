@@ -243,6 +243,11 @@ class MqttClient:
                 "the host and port right (1883 plain, 8883 TLS)?"
             ) from exc
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        # Tell paho a network thread owns the socket: otherwise publish() writes from the caller's
+        # thread while ours reads, and concurrent use of one TLS connection corrupts the stream
+        # (the broker then drops us with "protocol error"). With this set, publish() only queues
+        # the packet and wakes our thread, which does every read and write.
+        self._paho._thread = self._thread
         self._thread.start()
         if not self._connack_event.wait(timeout):
             self._shutdown()
