@@ -7,8 +7,9 @@ import logging
 import sys
 
 from cloud_worker.worker import Worker, install_sigterm
-from shared.config import add_config_arguments, config_from_args
+from shared.config import add_config_arguments, apply_environment, config_from_args
 from shared.errors import SpecECDError
+from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
 from shared.mqtt import broker_config_from_settings
 
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecECDError as exc:
         print(f"spececd-worker: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level, cfg.log_json)
+    register_secrets_of(cfg)
+    setup_logging(cfg.log_level, json=cfg.log_json)
+    apply_environment(cfg)
     metrics = None
     try:
         log.info("loading target model %s", cfg.target)
@@ -57,15 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     done.wait()
     return 0
-
-
-def _setup_logging(level: str, json_lines: bool) -> None:
-    try:
-        from shared.logs import setup_logging
-    except ImportError:  # logs module not present: plain logging
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return
-    setup_logging(level, json=json_lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from edge_agent.chat import ApiClientError
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.results import collect
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
-from shared.config import EdgeConfig, add_config_arguments, config_from_args
+from shared.config import EdgeConfig, add_config_arguments, apply_environment, config_from_args
 from shared.errors import BrokerAuthError, BrokerError, SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     register_secrets_of(cfg)
     setup_logging(cfg.log_level, json=cfg.log_json)
+    apply_environment(cfg)
     try:
         if args.command == "generate":
             return cmd_generate(args, cfg)

@@ -48,6 +48,7 @@ __all__ = [
     "Secret",
     "WorkerConfig",
     "add_config_arguments",
+    "apply_environment",
     "config_from_args",
     "env_name",
     "flag_name",
@@ -424,3 +425,12 @@ def config_from_args(
         if not KEYS[k].secret and getattr(args, k, None) is not None
     }
     return load_config(kind, getattr(args, "config", None), env=env, overrides=overrides)
+
+
+def apply_environment(cfg: EdgeConfig | WorkerConfig) -> None:
+    """Hand the settings that libraries read from the environment to them: the model cache
+    (``SPECECD_CACHE``, read by ``shared.models``) and the Hugging Face token (``HF_TOKEN``)."""
+    if cfg.cache:
+        os.environ["SPECECD_CACHE"] = cfg.cache
+    if cfg.hf_token is not None:
+        os.environ["HF_TOKEN"] = cfg.hf_token.reveal()

@@ -373,3 +373,20 @@ def test_every_key_is_documented_in_the_deploy_readme():
     for key in KEYS:
         assert env_name(key) in readme
     assert set(keys_for("edge")) | set(keys_for("worker")) == set(KEYS)
+
+
+def test_apply_environment_hands_cache_and_token_to_libraries(tmp_path, monkeypatch):
+    from shared.config import apply_environment
+
+    monkeypatch.delenv("SPECECD_CACHE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    token = tmp_path / "hf"
+    token.write_text("hf_secret\n")
+    conf = tmp_path / "w.toml"
+    conf.write_text(f'cache = "models"\nhf_token_file = "{token}"\n')
+    cfg = load_worker_config(str(conf), env={})
+    apply_environment(cfg)
+    import os
+
+    assert os.environ["SPECECD_CACHE"] == str(tmp_path / "models")
+    assert os.environ["HF_TOKEN"] == "hf_secret"
