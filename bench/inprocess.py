@@ -13,7 +13,7 @@ from cloud_worker.verifier import Verifier
 from edge_agent.drafter import Drafter
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import GenerateOptions, SessionState, generate
-from shared.models import LoadedModel, check_tokenizers_compatible, load_model
+from shared.models import LoadedModel, check_tokenizers_compatible, encode_prompt, load_model
 
 
 @dataclass
@@ -53,16 +53,3 @@ class InProcessPair:
         result.text = self.draft.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         return result
 
-
-def encode_prompt(tokenizer, prompt: str, *, chat: bool = True) -> list[int]:
-    """Token ids of ``prompt``, through the chat template when the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        return list(ids)
-    ids = tokenizer(prompt).input_ids
-    return list(ids) if ids else [tokenizer.eos_token_id]

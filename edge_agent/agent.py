@@ -17,7 +17,7 @@ from edge_agent.drafter import Drafter
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import GenerateOptions, RoundStats, SessionState, TokenEvent, generate
 from shared.link import VerifierLink
-from shared.models import LoadedModel
+from shared.models import LoadedModel, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,7 @@ class EdgeAgent:
 
     def encode_prompt(self, prompt: str, *, chat: bool = True) -> list[int]:
         """Token ids of ``prompt``, through the tokenizer's chat template when ``chat``."""
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-            return list(ids)
-        ids = tok(prompt).input_ids
-        return list(ids) if ids else [tok.eos_token_id]
+        return encode_prompt(self.tokenizer, prompt, chat=chat)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a chat (OpenAI-style messages) through the tokenizer's chat template."""

@@ -350,3 +350,15 @@ def check_tokenizers_compatible(draft: LoadedModel, target: LoadedModel) -> int:
             f"the tokenizer has {n_tok} entries but a model only {usable} logits",
         )
     return usable
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool = True) -> list[int]:
+    """Token ids of ``prompt``: through the tokenizer's chat template as one user turn when
+    ``chat`` and the tokenizer has one, else the plain text (never empty: EOS stands in)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+    ids = tokenizer(prompt).input_ids
+    return list(ids) if ids else [tokenizer.eos_token_id]
