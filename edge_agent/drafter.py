@@ -1,9 +1,11 @@
 """The draft model on the edge, with its KV cache (DESIGN §4, §5).
 
-Invariant: ``committed`` holds every committed token; the KV cache holds the first
-``cache_len`` of them plus, during a round, the draft tokens fed so far. Tokens not yet in the
-cache (the "pending" tail, one or two tokens after a verdict) are fed at the start of the next
-forward, which costs about the same as feeding one.
+State: ``committed`` tokens, then ``pending`` drafts (a chain: each was sampled given the
+committed tokens and the drafts before it). The KV cache holds a prefix of
+``committed + pending`` and never its last token, which is fed by the next forward. Drafts may
+run ahead of the block in flight (pipelining, see ``extend``): when the verdict accepts the
+whole block and its bonus token equals the next pending draft, the drafts after it are still
+conditioned on exactly the committed prefix, so they are reused as the next block.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +39,12 @@ class DraftBlock:
     pos: int  # absolute position of tokens[0]
     tokens: tuple[int, ...]
     q: tuple[SparseDist, ...] | None
-    draft_ms: float
+    draft_ms: float  # drafting time spent in propose() (not counting drafts made ahead)
+    prefetched: int = 0  # tokens of this block drafted ahead, while the previous round was verified
 
 
 class Drafter:
-    """Proposes draft blocks from the draft model and rolls back to the committed length."""
+    """Proposes draft blocks from the draft model and rolls back to what the verifier kept."""
 
     def __init__(
         self, loaded: LoadedModel, *, sparse_k: int = DEFAULT_SPARSE_K, lock: threading.Lock | None = None
@@ -54,6 +58,7 @@ class Drafter:
         self.sparse_k = sparse_k
         self.params = SamplingParams()
         self.committed: list[int] = []
+        self.pending: list[tuple[int, SparseDist | None]] = []  # drafts after `committed`
         self.cache = DynamicCache()
         self.cache_len = 0
 
@@ -63,46 +68,72 @@ class Drafter:
             raise ValueError("the context must hold at least one token")
         self.params = params
         self.committed = list(ctx)
+        self.pending = []
         self.cache = DynamicCache()
         self.cache_len = 0
 
+    def _sequence(self) -> list[int]:
+        return self.committed + [t for t, _ in self.pending]
+
     @torch.inference_mode()
-    def _next_probs(self, new_tokens: list[int]) -> torch.Tensor:
-        """Feed ``new_tokens`` on top of the cache; return the next-token distribution [V]."""
+    def _draft_one(self) -> None:
+        """Feed what the cache lacks, sample the next draft from exactly its sparse q."""
+        seq = self._sequence()
         with self.lock:
-            logits = forward_cached(self.model, new_tokens, self.cache)[-1, : self.vocab_size]  # [V]
-        self.cache_len += len(new_tokens)
-        return logits_to_probs(logits, self.params).cpu()
+            logits = forward_cached(self.model, seq[self.cache_len :], self.cache)[
+                -1, : self.vocab_size
+            ]  # [V]
+        self.cache_len = len(seq)
+        probs = logits_to_probs(logits, self.params).cpu()  # [V]
+        if self.params.greedy:
+            self.pending.append((int(probs.argmax()), None))
+            return
+        dist = sparsify(probs, self.sparse_k)
+        self.pending.append((dist.sample(position_uniform(self.params.seed, len(seq), PURPOSE_DRAFT)), dist))
 
     def propose(self, gamma: int) -> DraftBlock:
-        """Draft ``gamma`` tokens after the committed ones. Samples from exactly the sparse q sent."""
+        """The next ``gamma`` drafts after the committed tokens, reusing those drafted ahead."""
         assert gamma >= 1
         t0 = time.perf_counter()
-        pos = len(self.committed)
-        feed = self.committed[self.cache_len :]
-        tokens: list[int] = []
-        dists: list[SparseDist] = []
-        for j in range(gamma):
-            probs = self._next_probs(feed)  # [V]
-            if self.params.greedy:
-                x = int(probs.argmax())
-            else:
-                dist = sparsify(probs, self.sparse_k)
-                x = dist.sample(position_uniform(self.params.seed, pos + j, PURPOSE_DRAFT))
-                dists.append(dist)
-            tokens.append(x)
-            feed = [x]
-        q = None if self.params.greedy else tuple(dists)
-        return DraftBlock(pos=pos, tokens=tuple(tokens), q=q, draft_ms=(time.perf_counter() - t0) * 1e3)
+        prefetched = min(len(self.pending), gamma)
+        while len(self.pending) < gamma:
+            self._draft_one()
+        block = self.pending[:gamma]
+        q = None if self.params.greedy else tuple(d for _, d in block)  # type: ignore[misc]
+        return DraftBlock(
+            pos=len(self.committed),
+            tokens=tuple(t for t, _ in block),
+            q=q,
+            draft_ms=(time.perf_counter() - t0) * 1e3,
+            prefetched=prefetched,
+        )
 
-    def commit(self, n_accepted: int, tokens: list[int]) -> None:
-        """Append the round's committed ``tokens`` (n_accepted draft tokens, then one more) and
-        crop the cache to what is still valid: the committed prefix plus the accepted drafts."""
-        keep = min(self.cache_len, len(self.committed) + n_accepted)
+    def extend(self, max_tokens: int, *, stop: Callable[[], bool]) -> int:
+        """Draft up to ``max_tokens`` more tokens beyond the pending ones, one at a time, until
+        ``stop()`` (e.g. the verdict arrived). Returns how many were drafted."""
+        n = 0
+        while n < max_tokens and not stop():
+            self._draft_one()
+            n += 1
+        return n
+
+    def commit(self, tokens: list[int]) -> None:
+        """Append the round's committed ``tokens`` (accepted drafts, then the correction or bonus).
+
+        Pending drafts that agree with them are consumed; the rest stay valid only if every
+        committed token matched (then they were drafted from the same prefix). The cache keeps
+        its longest prefix that still agrees with ``committed + pending``."""
+        before = self._sequence()[: self.cache_len]
+        drafts = [t for t, _ in self.pending]
+        agree = drafts[: len(tokens)] == tokens[: len(drafts)]
+        self.pending = self.pending[len(tokens) :] if agree else []
         self.committed.extend(tokens)
-        self.cache_len = crop(self.cache, self.cache_len, keep)
+        after = self._sequence()
+        lcp = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(before))
+        self.cache_len = crop(self.cache, self.cache_len, min(lcp, len(after) - 1))
 
     def rollback(self) -> None:
-        """Drop every cached draft token (a round abandoned without a verdict). The last committed
-        token leaves the cache too, so the next forward has something to feed."""
-        self.cache_len = crop(self.cache, self.cache_len, len(self.committed) - 1)
+        """Drop every draft (a round abandoned without a verdict). The last committed token
+        leaves the cache too, so the next forward has something to feed."""
+        self.pending = []
+        self.cache_len = crop(self.cache, self.cache_len, min(self.cache_len, len(self.committed) - 1))

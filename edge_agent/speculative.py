@@ -20,12 +20,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge_agent.drafter import Drafter
 from shared.errors import BrokerError, CloudUnavailableError, SessionError
-from shared.link import VerifierLink
-from shared.protocol import Close, Decode, Draft, Open
+from shared.link import LinkStats, VerifierLink
+from shared.protocol import Close, Decode, Draft, Open, Verdict
 from shared.sampling import SamplingParams
 
 MODES = ("speculative", "cloud-only", "edge-only")
@@ -55,6 +56,7 @@ class RoundStats:
     codec_ms: float  # encode + decode on the edge
     bytes_up: int
     bytes_down: int
+    prefetched: int = 0  # draft tokens of this block made ahead, during the previous verify
 
     @property
     def judged(self) -> int:
@@ -86,6 +88,7 @@ class GenerateOptions:
     draft_model: str = ""
     target_model: str = ""
     wait_timeout_s: float = 300.0
+    pipeline: bool = True  # draft the next block while the current one is verified
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,7 +148,7 @@ def _edge_only(
     drafter.reset(prompt_ids, opts.params)
     while True:
         block = drafter.propose(1)
-        drafter.commit(1, list(block.tokens))
+        drafter.commit(list(block.tokens))
         yield TokenEvent(block.tokens[0], source)
 
 
@@ -188,22 +191,33 @@ def _wait_for_cloud(link: VerifierLink, opts: GenerateOptions, exc: Exception) -
         time.sleep(WAIT_POLL_S)
 
 
+def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats, float]:
+    t0 = time.perf_counter()
+    verdict = link.verify(draft)
+    return verdict, link.last, (time.perf_counter() - t0) * 1e3  # `last` is per thread: read it here
+
+
 def _speculative(
     drafter: Drafter, link: VerifierLink, prompt_ids: list[int], opts: GenerateOptions, st: SessionState
 ) -> Iterator[TokenEvent]:
     drafter.reset(prompt_ids, opts.params)
+    # With pipelining the verify call runs in this helper thread while the drafter runs ahead.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="spececd-verify") if opts.pipeline else None
     try:
         while True:
             try:
                 if not st.open:
                     _open(link, st, drafter.committed, opts, "speculative")
-                block = drafter.propose(opts.gamma)  # 1. draft
-                t0 = time.perf_counter()
+                block = drafter.propose(opts.gamma)  # 1. draft (or take the drafts made ahead)
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
                 )
-                verdict = link.verify(draft)  # 2. verify
-                link_ms = (time.perf_counter() - t0) * 1e3
+                if pool is None:  # 2. verify
+                    verdict, cost, link_ms = _timed_verify(link, draft)
+                else:
+                    future = pool.submit(_timed_verify, link, draft)
+                    drafter.extend(opts.gamma + 1, stop=future.done)  # bonus + next block, if all pass
+                    verdict, cost, link_ms = future.result()
             except SessionError as exc:
                 drafter.rollback()
                 _handle_session_error(exc, st)
@@ -221,8 +235,7 @@ def _speculative(
             st.seq += 1
             n = verdict.n_acc
             new = [*block.tokens[:n], verdict.next]
-            drafter.commit(n, new)  # 3. commit and crop
-            cost = link.last
+            drafter.commit(new)  # 3. commit; the cache keeps what still agrees
             stats = RoundStats(
                 seq=draft.seq,
                 gamma=len(block.tokens),
@@ -235,11 +248,14 @@ def _speculative(
                 codec_ms=cost.codec_ms,
                 bytes_up=cost.bytes_up,
                 bytes_down=cost.bytes_down,
+                prefetched=block.prefetched,
             )
             for i, tok in enumerate(new):
                 last = i == len(new) - 1
                 yield TokenEvent(tok, SRC_TARGET if last else SRC_DRAFT, stats if last else None)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         if st.open:
             _close_quietly(link, st)
 
@@ -248,7 +264,7 @@ def _fallback_until_back(drafter: Drafter, link: VerifierLink, opts: GenerateOpt
     """Draft-only tokens, flagged, one at a time until the cloud is reachable again."""
     while True:
         block = drafter.propose(1)
-        drafter.commit(1, list(block.tokens))
+        drafter.commit(list(block.tokens))
         yield TokenEvent(block.tokens[0], SRC_FALLBACK)
         if link.available():
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -96,7 +98,7 @@ def test_kv_rollback_matches_fresh_forward(pair: InProcessPair) -> None:
     drafter = pair.drafter
     drafter.reset(PROMPTS[1], GREEDY)
     block = drafter.propose(6)
-    drafter.commit(2, [*block.tokens[:2], 7])  # keep two drafts, then a correction
+    drafter.commit([*block.tokens[:2], 7])  # keep two drafts, then a correction
     assert drafter.cache_len == len(PROMPTS[1]) + 2
     with torch.inference_mode():
         cached = forward_cached(pair.draft.model, drafter.committed[drafter.cache_len :], drafter.cache)[-1]
@@ -150,3 +152,37 @@ def test_lru_eviction_bounds_sessions(pair: InProcessPair) -> None:
     with pytest.raises(SessionError) as err:
         verifier.verify(Draft(sid="s0", epoch=0, seq=0, pos=2, tok=(1,), q=None))
     assert err.value.code == "resync"
+
+
+@pytest.mark.parametrize(
+    "params", [GREEDY, SamplingParams(temperature=0.9, top_k=50, seed=21)], ids=["greedy", "sampled"]
+)
+def test_pipelined_drafting_gives_the_same_tokens(pair: InProcessPair, params: SamplingParams) -> None:
+    """Drafting ahead while a block is verified changes when drafts are made, never which."""
+    for gamma in (1, 3, 5):
+        on = pair.run(
+            PROMPTS[1], GenerateOptions(gamma=gamma, max_new_tokens=20, params=params, pipeline=True)
+        )
+        off = pair.run(
+            PROMPTS[1], GenerateOptions(gamma=gamma, max_new_tokens=20, params=params, pipeline=False)
+        )
+        assert on.token_ids == off.token_ids
+        assert [r.n_acc for r in on.rounds] == [r.n_acc for r in off.rounds]
+        assert all(r.prefetched == 0 for r in off.rounds)
+
+
+def test_pipelined_drafts_are_reused_when_the_block_passes(tmp_path) -> None:
+    folder = str(make_tiny_model_dir(tmp_path / "m", arch="qwen2", seed=4))
+    same = InProcessPair.from_models(load_model(folder), load_model(folder))
+    real_verify = same.link.verify
+
+    def slow_verify(msg):  # a remote verifier takes far longer than a tiny draft step (~1 ms)
+        time.sleep(0.1)
+        return real_verify(msg)
+
+    same.link.verify = slow_verify
+    res = same.run(PROMPTS[0], GenerateOptions(gamma=3, max_new_tokens=24, params=GREEDY, pipeline=True))
+    assert res.accepted == res.drafted
+    # every block after the first was drafted (at least partly) during the previous verify
+    assert all(r.prefetched > 0 for r in res.rounds[1:])
+    assert res.token_ids == target_greedy_reference(same.target, PROMPTS[0], 24)[: len(res.token_ids)]
