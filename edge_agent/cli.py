@@ -33,6 +33,7 @@ def options_from_config(cfg: EdgeConfig) -> GenerateOptions:
     return GenerateOptions(
         mode=cfg.mode,
         gamma=cfg.gamma,
+        pipeline=cfg.pipeline,
         max_new_tokens=cfg.max_new_tokens,
         params=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed),
         on_cloud_unreachable=cfg.on_cloud_unreachable,

@@ -96,6 +96,7 @@ class EdgeConfig:
     model_device: str
     dtype: str
     gamma: int
+    pipeline: bool
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -338,6 +339,7 @@ def load_edge_config(
         **_common(values, sources),
         device=device,
         gamma=values["gamma"],
+        pipeline=values["pipeline"],
         max_new_tokens=values["max_new_tokens"],
         temperature=values["temperature"],
         top_p=values["top_p"],

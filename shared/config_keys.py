@@ -195,6 +195,7 @@ KEYS: dict[str, _Key] = {
         _Key("model_device", _BOTH, _MODEL_DEVICE, "auto", "torch device of the model"),
         _Key("dtype", _BOTH, _choice(*_DTYPES), "auto", "model dtype"),
         _Key("gamma", _E, _int(1, 16), 4, "draft tokens per round"),
+        _Key("pipeline", _E, _bool, True, "draft the next block while the current one is verified"),
         _Key("max_new_tokens", _E, _int(1, 1_000_000), 256, "default generation length"),
         _Key("temperature", _E, _float(0.0, 100.0), 0.0, "sampling temperature (0 = greedy)"),
         _Key("top_p", _E, _float(0.0, 1.0, lo_open=True), 1.0, "nucleus sampling (1 = off)"),
