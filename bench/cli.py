@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -164,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spececd-bench: {exc}", file=sys.stderr)
         return 2
     from bench.execute import execute
+
+    # SIGTERM unwinds like Ctrl-C, so the broker, proxies and worker we started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     try:
         report_dir = execute(
