@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process (the worker: 1)")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="draft only after each verdict (default: draft the next block during the verify)")  # fmt: skip
     ap.add_argument("--no-pin", action="store_true", help="do not pin edge and worker to separate cores")
     ap.add_argument("--warmup-tokens", type=int, default=4, help="tokens of the untimed warm-up run per mode")
     ap.add_argument("--round-timeout-s", type=float, default=60.0, help="MQTT round deadline")

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from bench.cli import UsageError, load_prompts, machine_meta
+from bench.cli import load_prompts, machine_meta
 from bench.network import setup_network, shutdown_links
 from bench.plots import write_plots
 from bench.procs import Procs
@@ -57,7 +57,8 @@ def execute(
     meta: dict = {"command": argv_text, **machine_meta(), "draft": draft_spec, "target": target_spec,
                   "pinning": pin_text, "edge_threads": args.threads, "max_new_tokens": args.max_new_tokens,
                   "iterations": args.iterations, "num_prompts": args.num_prompts, "seed": args.seed,
-                  "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip
+                  "top_k": args.top_k, "top_p": args.top_p,
+                  "pipelined_drafting": not args.no_pipeline}  # fmt: skip
     with Procs(out / "logs") as procs:
         try:
             if networked:  # start the worker first: it loads the target while we load ours
@@ -73,12 +74,10 @@ def execute(
             torch.set_num_threads(args.threads)
             draft = load_model(draft_spec)
             target = load_model(target_spec) if need_target else None
-            try:
-                prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
-            except UsageError:
-                raise
+            prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
             edge = Edge(draft, target, links, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                        top_p=args.top_p, draft_name=draft_spec, target_name=target_spec)  # fmt: skip
+                        top_p=args.top_p, draft_name=draft_spec, target_name=target_spec,
+                        pipeline=not args.no_pipeline)  # fmt: skip
             total = len(cells) * len(prompts) * args.iterations
             bar, step = _progress_bar(total, args.no_progress)
             with bar:

@@ -96,7 +96,10 @@ def round_record(r: RoundStats) -> dict:
         "queue_ms": round(r.queue_ms, 3),
         "verify_ms": round(r.verify_ms, 3),
         "link_ms": round(r.link_ms, 3),
-        "noncompute_ms": round(r.link_ms - r.verify_ms, 3),  # encode + network + broker + queue + decode
+        "noncompute_ms": round(r.link_ms - r.verify_ms, 3),
+        "prefetched": getattr(
+            r, "prefetched", 0
+        ),  # drafts made ahead during the previous verify  # encode + network + broker + queue + decode
         "bytes_up": r.bytes_up,
         "bytes_down": r.bytes_down,
     }
@@ -117,6 +120,7 @@ class Edge:
         top_p: float = 1.0,
         draft_name: str = "",
         target_name: str = "",
+        pipeline: bool = True,
     ) -> None:
         self.draft = draft
         self.target = target
@@ -124,6 +128,7 @@ class Edge:
         self.max_new_tokens = max_new_tokens
         self.top_k, self.top_p = top_k, top_p
         self.draft_name, self.target_name = draft_name, target_name
+        self.pipeline = pipeline  # draft the next block while the current one is verified
         self.drafter = Drafter(draft)
         self.pair = InProcessPair.from_models(draft, target) if target is not None else None
         if self.pair is not None:
@@ -140,6 +145,7 @@ class Edge:
             on_cloud_unreachable="fail",
             draft_model=self.draft_name,
             target_model=self.target_name,
+            pipeline=self.pipeline,
         )
 
     def run(self, cell: Cell, prompt_ids: list[int], seed: int, *, max_new_tokens: int | None = None) -> dict:
