@@ -15,7 +15,9 @@ runs on one thread of one core and the modes differ only in what is around the c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from edge_agent.results import collect
 from edge_agent.speculative import GenerateOptions, RoundStats, SessionState, generate
 from shared.link import VerifierLink
 from shared.models import LoadedModel
+from shared.protocol import Close, Open
 from shared.sampling import SamplingParams
 
 MODES = ("speculative", "cloud-only", "edge-only", "inprocess", "assisted")
@@ -148,6 +151,19 @@ class Edge:
             pipeline=self.pipeline,
         )
 
+    def barrier(self, link: VerifierLink, token: int) -> None:
+        """Wait (untimed) until the worker has finished everything queued before now.
+
+        A cloud-only run asks for tokens in chunks; when it stops mid-chunk (max_new_tokens,
+        EOS) the worker still decodes the rest of the chunk before it reads the `close`, which
+        would otherwise be charged to the next run. The worker takes jobs in order, so the
+        answer to a one-token `open` means the queue is empty."""
+        sid = f"barrier-{uuid.uuid4().hex[:12]}"
+        link.open(Open(sid=sid, epoch=0, ctx=(token,), sampling=SamplingParams(), draft_model=self.draft_name,
+                       target_model=self.target_name, max_new=1, mode="cloud"))  # fmt: skip
+        with contextlib.suppress(Exception):
+            link.close(Close(sid=sid, epoch=0))
+
     def run(self, cell: Cell, prompt_ids: list[int], seed: int, *, max_new_tokens: int | None = None) -> dict:
         """One generation of ``cell``; returns its summary, tokens and rounds."""
         opts = self.options(cell, seed, max_new_tokens)
@@ -169,6 +185,8 @@ class Edge:
         state = SessionState()
         events = generate(self.drafter, link, prompt_ids, opts, eos_ids=self.eos_ids, state=state)
         result = collect(events, state=state)
+        if cell.mode in NETWORK_MODES:
+            self.barrier(link, prompt_ids[-1])
         text = self.draft.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         rounds = [round_record(r) for r in result.rounds]
         return {**result.summary(), "token_ids": result.token_ids, "text": text, "rounds": rounds}
