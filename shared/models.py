@@ -357,7 +357,10 @@ def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool = True) -> list[int
     ``chat`` and the tokenizer has one, else the plain text (never empty: EOS stands in)."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
         return list(ids)
     ids = tokenizer(prompt).input_ids
