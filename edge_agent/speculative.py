@@ -280,7 +280,11 @@ def _cloud_only(
                 if not st.open:
                     _open(link, st, committed, opts, "cloud")
                 t0 = time.perf_counter()
-                req = Decode(sid=st.sid, epoch=st.epoch, seq=st.seq, pos=len(committed), n=CLOUD_DECODE_CHUNK)
+                remaining = opts.max_new_tokens - (len(committed) - len(prompt_ids))
+                n = max(
+                    1, min(CLOUD_DECODE_CHUNK, remaining)
+                )  # never make the worker decode tokens nobody wants
+                req = Decode(sid=st.sid, epoch=st.epoch, seq=st.seq, pos=len(committed), n=n)
                 for part in link.decode(req):
                     link_ms = (time.perf_counter() - t0) * 1e3
                     committed.extend(part.tok)

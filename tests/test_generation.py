@@ -186,3 +186,20 @@ def test_pipelined_drafts_are_reused_when_the_block_passes(tmp_path) -> None:
     # every block after the first was drafted (at least partly) during the previous verify
     assert all(r.prefetched > 0 for r in res.rounds[1:])
     assert res.token_ids == target_greedy_reference(same.target, PROMPTS[0], 24)[: len(res.token_ids)]
+
+
+def test_cloud_only_never_asks_for_more_tokens_than_wanted(pair: InProcessPair) -> None:
+    asked: list[int] = []
+    real_decode = pair.verifier.decode
+
+    def spy(msg, emit, **kw):
+        asked.append(msg.n)
+        return real_decode(msg, emit, **kw)
+
+    pair.verifier.decode = spy
+    try:
+        res = pair.run(PROMPTS[0], GenerateOptions(mode="cloud-only", max_new_tokens=5, params=GREEDY))
+    finally:
+        pair.verifier.decode = real_decode
+    assert sum(asked) == len(res.token_ids) == 5 or res.token_ids[-1] in pair.target.eos_token_ids
+    assert asked[0] == 5
