@@ -206,9 +206,15 @@ def _speculative(
     try:
         while True:
             try:
-                if not st.open:
+                if st.open:
+                    block = drafter.propose(opts.gamma)  # 1. draft (or take the drafts made ahead)
+                elif pool is None:
                     _open(link, st, drafter.committed, opts, "speculative")
-                block = drafter.propose(opts.gamma)  # 1. draft (or take the drafts made ahead)
+                    block = drafter.propose(opts.gamma)
+                else:  # the worker prefills while the draft model does: both are on the critical path
+                    opening = pool.submit(_open, link, st, list(drafter.committed), opts, "speculative")
+                    block = drafter.propose(opts.gamma)
+                    opening.result()
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
                 )
