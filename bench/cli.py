@@ -159,6 +159,9 @@ def placement(no_pin: bool) -> tuple[set[int] | None, set[int] | None, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code."""
+    from shared.mqtt import prefer_network_latency
+
+    prefer_network_latency()
     args = build_parser().parse_args(argv)
     try:
         check_args(args)

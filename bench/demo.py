@@ -148,6 +148,9 @@ def run(prompt: str, *, max_new_tokens: int, gamma: int, temperature: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared.mqtt import prefer_network_latency
+
+    prefer_network_latency()
     parser = argparse.ArgumentParser(prog="spececd-demo", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=128)

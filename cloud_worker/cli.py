@@ -11,7 +11,7 @@ from shared.config import add_config_arguments, apply_environment, config_from_a
 from shared.errors import SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
-from shared.mqtt import broker_config_from_settings
+from shared.mqtt import broker_config_from_settings, prefer_network_latency
 
 log = logging.getLogger("spececd.worker")
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_network_latency()
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args, "worker")

@@ -23,7 +23,7 @@ from shared.config import EdgeConfig, add_config_arguments, apply_environment, c
 from shared.errors import BrokerAuthError, BrokerError, SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
-from shared.mqtt import broker_config_from_settings
+from shared.mqtt import broker_config_from_settings, prefer_network_latency
 from shared.sampling import SamplingParams
 
 log = logging.getLogger("spececd.edge")
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_network_latency()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "url", None):  # a client of a running agent: no local config needed
