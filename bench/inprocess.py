@@ -52,4 +52,3 @@ class InProcessPair:
         result = collect(events, state=state)
         result.text = self.draft.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         return result
-

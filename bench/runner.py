@@ -31,12 +31,17 @@ from shared.models import LoadedModel
 from shared.protocol import Close, Open
 from shared.sampling import SamplingParams
 
-MODES = ("speculative", "cloud-only", "edge-only", "inprocess", "assisted")
-NETWORK_MODES = frozenset({"speculative", "cloud-only"})
-GAMMA_MODES = frozenset({"speculative", "inprocess", "assisted"})
-TARGET_MODES = frozenset({"speculative", "cloud-only", "inprocess", "assisted"})  # follow the target
-_LOOP_MODE = {"speculative": "speculative", "inprocess": "speculative", "cloud-only": "cloud-only",
-              "edge-only": "edge-only"}  # fmt: skip
+# `speculative` drafts the next block while the worker verifies (the loop's default);
+# `speculative-seq` is the same over MQTT with sequential drafting, the like-for-like partner of
+# `inprocess`, which always drafts sequentially: in one process on one core there is nothing to
+# overlap, and drafting ahead would only steal the verify's core.
+MODES = ("speculative", "speculative-seq", "cloud-only", "edge-only", "inprocess", "assisted")
+NETWORK_MODES = frozenset({"speculative", "speculative-seq", "cloud-only"})
+GAMMA_MODES = frozenset({"speculative", "speculative-seq", "inprocess", "assisted"})
+TARGET_MODES = frozenset({"speculative", "speculative-seq", "cloud-only", "inprocess", "assisted"})
+PIPELINED_MODES = frozenset({"speculative"})
+_LOOP_MODE = {"speculative": "speculative", "speculative-seq": "speculative", "inprocess": "speculative",
+              "cloud-only": "cloud-only", "edge-only": "edge-only"}  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -131,7 +136,7 @@ class Edge:
         self.max_new_tokens = max_new_tokens
         self.top_k, self.top_p = top_k, top_p
         self.draft_name, self.target_name = draft_name, target_name
-        self.pipeline = pipeline  # draft the next block while the current one is verified
+        self.pipeline = pipeline  # `speculative` drafts the next block while the current one is verified
         self.drafter = Drafter(draft)
         self.pair = InProcessPair.from_models(draft, target) if target is not None else None
         if self.pair is not None:
@@ -148,7 +153,7 @@ class Edge:
             on_cloud_unreachable="fail",
             draft_model=self.draft_name,
             target_model=self.target_name,
-            pipeline=self.pipeline,
+            pipeline=self.pipeline and cell.mode in PIPELINED_MODES,
         )
 
     def barrier(self, link: VerifierLink, token: int) -> None:

@@ -238,3 +238,17 @@ def test_cli_rejects_bad_input_clearly(argv, needle, tiny_pair, tmp_path, capsys
         argv = [*argv, "--modes", "edge-only"]
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_only_speculative_over_mqtt_drafts_ahead(tiny_pair) -> None:
+    """In one process on one core there is nothing to overlap: `inprocess` drafts sequentially,
+    like its networked partner `speculative-seq`; `--no-pipeline` turns it off for all."""
+    from bench.runner import Edge
+
+    draft, target = (load_model(str(p)) for p in tiny_pair)
+    edge = Edge(draft, target, {}, max_new_tokens=4)
+    piped = {m: edge.options(Cell(m, 0.0, 2, 0.0 if m.startswith("spec") else None), seed=1).pipeline
+             for m in ("speculative", "speculative-seq", "inprocess")}  # fmt: skip
+    assert piped == {"speculative": True, "speculative-seq": False, "inprocess": False}
+    off = Edge(draft, target, {}, max_new_tokens=4, pipeline=False)
+    assert off.options(Cell("speculative", 0.0, 2, 0.0), seed=1).pipeline is False
