@@ -552,9 +552,10 @@ def prefer_network_latency() -> None:
     """Make the interpreter hand the GIL between threads every 0.5 ms instead of 5 ms.
 
     A message arriving on paho's network thread waits for the GIL while another thread runs
-    Python glue between torch calls (the edge drafting ahead, the worker's model thread). Measured
-    with tiny models through a real broker and worker (docs/BENCHMARKS.md): median non-compute
-    time per pipelined round 2.61 → 1.68 ms, p90 5.26 → 2.75 ms. Called by the entry points
+    Python glue between torch calls (the edge drafting ahead, the worker's model thread). With
+    pipelined drafting (the default) this cut the median non-compute time of a round on tiny
+    models from 4.25 to 2.75 ms; with sequential drafting it made no clear difference
+    (``python -m bench.overhead``, docs/BENCHMARKS.md §2.5). Called by the entry points
     (``spececd-edge``, ``spececd-worker``, ``spececd-bench``, the demo), not on import."""
     import sys
 
