@@ -104,10 +104,8 @@ def round_record(r: RoundStats) -> dict:
         "queue_ms": round(r.queue_ms, 3),
         "verify_ms": round(r.verify_ms, 3),
         "link_ms": round(r.link_ms, 3),
-        "noncompute_ms": round(r.link_ms - r.verify_ms, 3),
-        "prefetched": getattr(
-            r, "prefetched", 0
-        ),  # drafts made ahead during the previous verify  # encode + network + broker + queue + decode
+        "noncompute_ms": round(r.link_ms - r.verify_ms, 3),  # encode + network + broker + queue + decode
+        "prefetched": r.prefetched,  # drafts made ahead during the previous verify
         "bytes_up": r.bytes_up,
         "bytes_down": r.bytes_down,
     }

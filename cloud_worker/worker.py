@@ -194,13 +194,10 @@ class Worker:
         req = self._decode_or_reply(msg, device, None)
         if req is None:
             return
-        down = topics.down_topic(device, req.sid) if isinstance(req, Open) else None
+        down = topics.down_topic(device, req.sid)  # every message type carries its session id
         if not isinstance(req, Open):
             self._count("bad_message")
-            if hasattr(req, "sid"):
-                self._send_error(
-                    topics.down_topic(device, req.sid), req.sid, "bad_message", "expected an open", None, msg
-                )
+            self._send_error(down, req.sid, "bad_message", "expected an open", None, msg)
             return
         if not self._accepting.is_set():
             self._send_error(down, req.sid, "overloaded", "worker shutting down: open again", None, msg)

@@ -20,7 +20,7 @@ from edge_agent.mqtt_link import MqttLink
 from edge_agent.speculative import GenerateOptions
 from shared import topics
 from shared.models import load_model
-from shared.protocol import MAX_PAYLOAD_BYTES, Draft, Error, Open, Opened, Verdict, decode, encode
+from shared.protocol import MAX_PAYLOAD_BYTES, Close, Draft, Error, Open, Opened, Verdict, decode, encode
 from shared.sampling import SamplingParams
 from tests.tiny import make_tiny_model_dir
 
@@ -163,3 +163,11 @@ def test_other_sessions_unaffected(rig, target, dev_broker) -> None:
         link.shutdown()
     assert worker.bad_messages["bad_message"] == 4
     assert worker._thread is not None and worker._thread.is_alive()
+
+
+def test_other_message_type_on_open_gets_bad_message(rig) -> None:
+    worker, raw, dev = rig
+    raw.publish(topics.open_topic(dev), encode(Close(sid="s8", epoch=0)))
+    (err,) = replies(raw)
+    assert err.code == "bad_message" and err.sid == "s8" and "expected an open" in err.detail
+    assert worker.bad_messages["bad_message"] == 1
