@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge_agent.drafter import Drafter
+from edge_agent.gamma import GAMMA_AUTO, GammaController, GammaPriors, Observation, parse_gamma
 from shared.errors import BrokerError, CloudUnavailableError, SessionError
 from shared.link import LinkStats, VerifierLink
 from shared.protocol import Close, Decode, Draft, Open, Verdict
@@ -57,6 +58,9 @@ class RoundStats:
     bytes_up: int
     bytes_down: int
     prefetched: int = 0  # draft tokens of this block made ahead, during the previous verify
+    gamma_reason: str = ""  # why this γ: "fixed", the prior, or the γ controller's figures
+    pred_tokens: float = 0.0  # committed tokens the γ controller expected (actual: n_acc + 1)
+    pred_ms: float = 0.0  # round time it expected (actual: draft_ms + link_ms)
 
     @property
     def judged(self) -> int:
@@ -81,7 +85,7 @@ class GenerateOptions:
     """Options of one generation (keyword-only)."""
 
     mode: str = "speculative"
-    gamma: int = 4
+    gamma: int | str = GAMMA_AUTO  # draft tokens per round, or "auto": chosen each round (edge_agent.gamma)
     max_new_tokens: int = 64
     params: SamplingParams = field(default_factory=SamplingParams)
     on_cloud_unreachable: str = "draft"
@@ -89,6 +93,7 @@ class GenerateOptions:
     target_model: str = ""
     wait_timeout_s: float = 300.0
     pipeline: bool = True  # draft the next block while the current one is verified
+    gamma_priors: GammaPriors | None = None  # the auto γ controller's priors (None: defaults)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,8 +102,7 @@ class GenerateOptions:
             raise ValueError(
                 f"on_cloud_unreachable must be one of {POLICIES}, got {self.on_cloud_unreachable!r}"
             )
-        if not 1 <= self.gamma <= 64:
-            raise ValueError(f"gamma must be in 1..64, got {self.gamma}")
+        object.__setattr__(self, "gamma", parse_gamma(self.gamma))  # "auto" or 1..64, else ValueError
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -152,8 +156,14 @@ def _edge_only(
         yield TokenEvent(block.tokens[0], source)
 
 
-def _open(link: VerifierLink, st: SessionState, ctx: list[int], opts: GenerateOptions, mode: str) -> None:
-    """(Re-)open the session with the next epoch and the full committed context."""
+def _open(
+    link: VerifierLink, st: SessionState, ctx: list[int], opts: GenerateOptions, mode: str, done: int = 0
+) -> None:
+    """(Re-)open the session with the next epoch and the full committed context.
+
+    ``done`` tokens were already generated: a re-open asks only for the rest (a worker refuses an
+    open whose context + max_new exceeds its positions, and late in a long generation the full
+    ``max_new_tokens`` would)."""
     st.epoch += 1
     link.open(
         Open(
@@ -163,7 +173,7 @@ def _open(link: VerifierLink, st: SessionState, ctx: list[int], opts: GenerateOp
             sampling=opts.params,
             draft_model=opts.draft_model,
             target_model=opts.target_model,
-            max_new=opts.max_new_tokens,
+            max_new=max(1, opts.max_new_tokens - done),
             mode=mode,
         )
     )
@@ -197,23 +207,34 @@ def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats,
     return verdict, link.last, (time.perf_counter() - t0) * 1e3  # `last` is per thread: read it here
 
 
+def gamma_controller(opts: GenerateOptions) -> GammaController:
+    """The per-session γ controller of ``opts``: adaptive for ``"auto"``, else pinned (it then only predicts)."""
+    fixed = None if opts.gamma == GAMMA_AUTO else int(opts.gamma)
+    return GammaController(opts.gamma_priors, fixed=fixed)
+
+
 def _speculative(
     drafter: Drafter, link: VerifierLink, prompt_ids: list[int], opts: GenerateOptions, st: SessionState
 ) -> Iterator[TokenEvent]:
     drafter.reset(prompt_ids, opts.params)
+    ctrl = gamma_controller(opts)
     # With pipelining the verify call runs in this helper thread while the drafter runs ahead.
     pool = ThreadPoolExecutor(1, thread_name_prefix="spececd-verify") if opts.pipeline else None
     try:
         while True:
-            try:
+            try:  # 0. choose γ: drafts already made ahead cost nothing now; never more than still wanted
+                done = len(drafter.committed) - len(prompt_ids)
+                choice = ctrl.decide(ready=len(drafter.pending), remaining=opts.max_new_tokens - done)
                 if st.open:
-                    block = drafter.propose(opts.gamma)  # 1. draft (or take the drafts made ahead)
+                    block = drafter.propose(choice.gamma)  # 1. draft (or take the drafts made ahead)
                 elif pool is None:
-                    _open(link, st, drafter.committed, opts, "speculative")
-                    block = drafter.propose(opts.gamma)
+                    done = len(drafter.committed) - len(prompt_ids)
+                    _open(link, st, drafter.committed, opts, "speculative", done)
+                    block = drafter.propose(choice.gamma)
                 else:  # the worker prefills while the draft model does: both are on the critical path
-                    opening = pool.submit(_open, link, st, list(drafter.committed), opts, "speculative")
-                    block = drafter.propose(opts.gamma)
+                    done = len(drafter.committed) - len(prompt_ids)
+                    opening = pool.submit(_open, link, st, list(drafter.committed), opts, "speculative", done)
+                    block = drafter.propose(choice.gamma)
                     opening.result()
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
@@ -222,7 +243,7 @@ def _speculative(
                     verdict, cost, link_ms = _timed_verify(link, draft)
                 else:
                     future = pool.submit(_timed_verify, link, draft)
-                    drafter.extend(opts.gamma + 1, stop=future.done)  # bonus + next block, if all pass
+                    drafter.extend(ctrl.lookahead(choice.gamma), stop=future.done)  # bonus + next block
                     verdict, cost, link_ms = future.result()
             except SessionError as exc:
                 drafter.rollback()
@@ -241,6 +262,14 @@ def _speculative(
             st.seq += 1
             n = verdict.n_acc
             new = [*block.tokens[:n], verdict.next]
+            ctrl.observe(
+                Observation(
+                    gamma=len(block.tokens), n_acc=n, draft_ms=block.draft_ms,
+                    drafted=len(block.tokens) - block.prefetched, link_ms=link_ms,
+                    verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
+                    batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
+                )
+            )  # fmt: skip
             drafter.commit(new)  # 3. commit; the cache keeps what still agrees
             stats = RoundStats(
                 seq=draft.seq,
@@ -255,6 +284,9 @@ def _speculative(
                 bytes_up=cost.bytes_up,
                 bytes_down=cost.bytes_down,
                 prefetched=block.prefetched,
+                gamma_reason=choice.reason,
+                pred_tokens=choice.tokens,
+                pred_ms=choice.round_ms,
             )
             for i, tok in enumerate(new):
                 last = i == len(new) - 1
@@ -284,7 +316,7 @@ def _cloud_only(
         while True:
             try:
                 if not st.open:
-                    _open(link, st, committed, opts, "cloud")
+                    _open(link, st, committed, opts, "cloud", len(committed) - len(prompt_ids))
                 t0 = time.perf_counter()
                 remaining = opts.max_new_tokens - (len(committed) - len(prompt_ids))
                 n = max(
