@@ -7,7 +7,7 @@ import logging
 import sys
 
 from cloud_worker.worker import Worker, install_sigterm
-from shared.config import add_config_arguments, apply_environment, config_from_args
+from shared.config import add_config_arguments, add_version_argument, apply_environment, config_from_args
 from shared.errors import SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spececd-worker",
         description="SpecECD cloud worker: verifies draft blocks from edge devices with the target model.",
     )
+    add_version_argument(parser)
     add_config_arguments(parser, "worker")
     return parser
 

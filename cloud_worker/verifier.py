@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from shared.config_keys import DEFAULT_MAX_SESSIONS  # one default: config, worker, verifier
 from shared.errors import SessionError
 from shared.kvcache import crop, forward_cached
 from shared.models import LoadedModel
@@ -29,8 +30,6 @@ from shared.sampling import (
     sample_from_probs,
 )
 from shared.speculative import expected_acceptance, verify_draft
-
-DEFAULT_MAX_SESSIONS = 8
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_worker.verifier import Verifier
+from cloud_worker.verifier import DEFAULT_MAX_SESSIONS, Verifier
 from shared import topics
 from shared.errors import ProtocolError, SessionError
 from shared.models import LoadedModel
@@ -72,7 +72,7 @@ class Worker:
         worker_id: str,
         target_name: str | None = None,
         draft_name: str = "",
-        max_sessions: int = 8,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         metrics: Any = None,
     ) -> None:
         self.worker_id = topics.check_worker(worker_id)

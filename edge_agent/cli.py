@@ -12,14 +12,19 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.chat import ApiClientError
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.results import collect
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
-from shared.config import EdgeConfig, add_config_arguments, apply_environment, config_from_args
+from shared.config import (
+    EdgeConfig,
+    add_config_arguments,
+    add_version_argument,
+    apply_environment,
+    config_from_args,
+)
 from shared.errors import BrokerAuthError, BrokerError, SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
@@ -113,12 +118,13 @@ def cmd_serve(args: argparse.Namespace, cfg: EdgeConfig) -> int:
     notifier = ServiceNotifier(watchdog=cfg.watchdog)
     notifier.status(f"loading draft model {cfg.draft}")
     agent = build_agent(cfg, status=notifier.status)
-    name = args.model_name or Path(cfg.target.rstrip("/")).name or cfg.target
+    name = cfg.model_name
     host, port = cfg.listen.host, cfg.listen.port
     try:
         serve(
             agent, host, port, model_name=name, aliases=sorted({cfg.target, "spececd"} - {name}),
-            max_queue=cfg.max_queue, max_concurrent=args.max_concurrent, log_level=cfg.log_level,
+            max_queue=cfg.max_queue, max_concurrent=cfg.max_concurrent, log_level=cfg.log_level,
+            max_body_bytes=cfg.max_body_bytes,
             on_ready=lambda: notifier.ready(status=f"serving {name} on http://{host}:{port}/v1"),
             heartbeat=notifier.heartbeat, heartbeat_interval=notifier.heartbeat_interval,
         )  # fmt: skip
@@ -196,6 +202,7 @@ def _echo(agent: EdgeAgent, events):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spececd-edge", description="SpecECD edge agent")
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion for PROMPT")
     gen.add_argument("prompt")
@@ -206,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(gen, "edge")
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on --listen")
-    srv.add_argument("--model-name", help="the model name clients send (default: the target's folder name)")
-    srv.add_argument("--max-concurrent", type=int, default=1, help="generations at once (default 1)")
     add_config_arguments(srv, "edge")
     chat = sub.add_parser("chat", help="chat in the terminal (history kept; /reset, /stats, /exit)")
     chat.add_argument("--url", help="chat with a running agent's API instead of loading one here")

@@ -35,6 +35,7 @@ from shared.config_keys import (
     check_kind,
     env_name,
     flag_name,
+    help_text,
     keys_for,
 )
 from shared.errors import ConfigError
@@ -47,8 +48,11 @@ __all__ = [
     "HostPort",
     "Secret",
     "WorkerConfig",
+    "add_broker_arguments",
     "add_config_arguments",
+    "add_version_argument",
     "apply_environment",
+    "broker_settings_from_args",
     "config_from_args",
     "env_name",
     "flag_name",
@@ -107,10 +111,14 @@ class EdgeConfig:
     round_timeout_ms: int
     listen: HostPort
     max_queue: int
+    max_concurrent: int
+    model_name: str
+    max_body_bytes: int
     log_level: str
     log_json: bool
     watchdog: bool
     cache: str | None
+    allow_download: bool
     hf_token: Secret | None
     hf_token_file: str | None
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -137,6 +145,7 @@ class WorkerConfig:
     log_level: str
     log_json: bool
     cache: str | None
+    allow_download: bool
     hf_token: Secret | None
     hf_token_file: str | None
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -235,10 +244,12 @@ def _read_secret_file(key: str, path: str, src: str, *, empty_ok: bool = False) 
     return Secret(text)
 
 
-def _resolve(kind: str, merged: dict[str, tuple[Any, str]]) -> tuple[dict[str, Any], dict[str, str]]:
+def _resolve(
+    kind: str, merged: dict[str, tuple[Any, str]], names: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in keys_for(kind):
+    for name in keys_for(kind) if names is None else names:
         spec = KEYS[name]
         if name not in merged:
             raw, src, text = spec.default, "default", True
@@ -255,6 +266,8 @@ def _resolve(kind: str, merged: dict[str, tuple[Any, str]]) -> tuple[dict[str, A
             raise ConfigError(name, shown, f"{bad} (from {src})") from None
         values[name] = Secret(value) if spec.secret else value
         sources[name] = src
+    if values.get("model_device") is not None:
+        _check_model_device(values["model_device"], sources["model_device"])
     for path_key in ("password_file", "tls_ca", "tls_cert", "tls_key", "hf_token_file"):
         path = values.get(path_key)
         if path is not None and not os.path.isfile(path):
@@ -267,6 +280,37 @@ def _resolve(kind: str, merged: dict[str, tuple[Any, str]]) -> tuple[dict[str, A
             )
             sources[secret] = sources[file_key]
     return values, sources
+
+
+def _check_model_device(device: str, src: str) -> None:
+    """Refuse a torch device this machine does not have now, not after loading a model."""
+    if device in ("auto", "cpu"):
+        return
+    import torch  # only for a GPU device: the config check stays light otherwise
+
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(
+                "model_device",
+                device,
+                f"a device this machine has: no MPS here; use 'auto' or 'cpu' (from {src})",
+            )
+        return
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(
+            "model_device",
+            device,
+            f"a device this machine has: {have} here; use 'auto' or 'cpu' (from {src})",
+        )
+
+
+def default_name() -> str:
+    """The host name as a topic-safe name: the default worker id and device name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    return name or "spececd"
 
 
 def _broker(values: dict[str, Any], sources: dict[str, str]) -> BrokerSettings:
@@ -303,6 +347,7 @@ def _common(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
         log_level=values["log_level"].upper(),
         log_json=values["log_json"],
         cache=values["cache"],
+        allow_download=values["allow_download"],
         hf_token=values["hf_token"],
         hf_token_file=values["hf_token_file"],
         sources=sources,
@@ -330,11 +375,9 @@ def load_edge_config(
     (else ``$SPECECD_CONFIG``) > defaults. Raises ``ConfigError`` naming the key, value and what is
     allowed. ``overrides`` values that are None are ignored (unset flags)."""
     values, sources = _layers("edge", path, os.environ if env is None else env, overrides)
-    device = values["device"] or values["username"]
-    if device is None and values["mode"] != "edge-only":
-        raise ConfigError(
-            "device", None, "a device name or a username (the device's MQTT name), unless mode = 'edge-only'"
-        )
+    # a device with a username is that name on the broker; an anonymous dev broker takes the host name
+    device = values["device"] or values["username"] or default_name()
+    target = values["target"]
     return EdgeConfig(
         **_common(values, sources),
         device=device,
@@ -350,13 +393,11 @@ def load_edge_config(
         round_timeout_ms=values["round_timeout_ms"],
         listen=_hostport_of(values["listen"]),
         max_queue=values["max_queue"],
+        max_concurrent=values["max_concurrent"],
+        model_name=values["model_name"] or Path(target.rstrip("/")).name or target,
+        max_body_bytes=values["max_body_bytes"],
         watchdog=values["watchdog"],
     )
-
-
-def _default_worker_id() -> str:
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
-    return name or "worker"
 
 
 def load_worker_config(
@@ -369,7 +410,7 @@ def load_worker_config(
     values, sources = _layers("worker", path, os.environ if env is None else env, overrides)
     return WorkerConfig(
         **_common(values, sources),
-        worker_id=values["worker_id"] or values["username"] or _default_worker_id(),
+        worker_id=values["worker_id"] or values["username"] or default_name(),
         max_sessions=values["max_sessions"],
         metrics_listen=_hostport_of(values["metrics_listen"]),
     )
@@ -389,7 +430,29 @@ def load_config(
 
 
 # ---------------------------------------------------------------- command line
-_BOOL_KEYS = {"tls_insecure", "log_json", "watchdog"}
+BROKER_KEYS = (
+    "broker",
+    "username",
+    "password_file",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_insecure",
+    "keepalive",
+)
+
+
+def _add_key_argument(group: argparse._ArgumentGroup, name: str) -> None:
+    """One key's flag (and its aliases) from the table; it defaults to None (= unset)."""
+    spec = KEYS[name]
+    flags = [flag_name(name), *spec.aliases]
+    if spec.is_bool:
+        group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text(name))
+        return
+    metavar = "HOST:PORT" if spec.parse is KEYS["broker"].parse or "listen" in name else name.upper()
+    if spec.choices:
+        metavar = "{" + ",".join(spec.choices) + "}"
+    group.add_argument(*flags, dest=name, metavar=metavar, default=None, help=help_text(name))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -403,17 +466,53 @@ def add_config_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     )
     group.add_argument("--config", metavar="FILE", default=None, help="TOML config file (env SPECECD_CONFIG)")
     for name in keys_for(kind):
-        spec = KEYS[name]
-        if spec.secret:
-            continue
-        helptext = f"{spec.help} (env {env_name(name)})"
-        if name in _BOOL_KEYS:
-            group.add_argument(
-                flag_name(name), dest=name, action=argparse.BooleanOptionalAction, help=helptext
-            )
-        else:
-            metavar = "HOST:PORT" if name in ("broker", "listen", "metrics_listen") else name.upper()
-            group.add_argument(flag_name(name), dest=name, metavar=metavar, default=None, help=helptext)
+        if not KEYS[name].secret:
+            _add_key_argument(group, name)
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker-connection flags alone (for tools such as ``spececd-tap``), as in the table."""
+    group = parser.add_argument_group("broker connection (flag > SPECECD_* env > default)")
+    for name in BROKER_KEYS:
+        _add_key_argument(group, name)
+
+
+def broker_settings_from_args(
+    args: argparse.Namespace, *, env: Mapping[str, str] | None = None
+) -> BrokerSettings:
+    """``BrokerSettings`` from ``add_broker_arguments`` flags and the ``SPECECD_*`` environment.
+
+    The password comes from ``--password-file`` or ``SPECECD_PASSWORD``/``SPECECD_PASSWORD_FILE``."""
+    env = os.environ if env is None else env
+    names = [*BROKER_KEYS, "password"]
+    env_layer = {k: v for k, v in _env_layer(env, "worker").items() if k in names}
+    flags = {
+        k: (getattr(args, k), f"flag {flag_name(k)}")
+        for k in BROKER_KEYS
+        if getattr(args, k, None) is not None
+    }
+    values, sources = _resolve("worker", _merge([env_layer, flags]), names)
+    if values.get("password_file") is not None:
+        values["password"] = _read_secret_file(
+            "password_file", values["password_file"], sources["password_file"]
+        )
+        sources["password"] = sources["password_file"]
+    return _broker(values, sources)
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the installed package's version."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+
+
+def package_version() -> str:
+    """SpecECD's version as installed (``0+unknown`` when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spececd")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def config_from_args(

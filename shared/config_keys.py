@@ -62,6 +62,13 @@ class BadValue(Exception):
 Parser = Callable[[Any, bool], Any]  # (value, came_as_text) -> parsed value
 
 
+def _described(parse: Parser, allowed: str, choices: tuple[str, ...] | None = None) -> Parser:
+    """Tag a parser with the text of what it allows (shown in ``--help``) and its choices."""
+    parse.allowed = allowed  # type: ignore[attr-defined]
+    parse.choices = choices  # type: ignore[attr-defined]
+    return parse
+
+
 def _int(lo: int, hi: int) -> Parser:
     allowed = f"an integer from {lo} to {hi}"
 
@@ -75,7 +82,7 @@ def _int(lo: int, hi: int) -> Parser:
             raise BadValue(allowed)
         return v
 
-    return parse
+    return _described(parse, allowed)
 
 
 def _float(lo: float, hi: float, *, lo_open: bool = False) -> Parser:
@@ -93,7 +100,7 @@ def _float(lo: float, hi: float, *, lo_open: bool = False) -> Parser:
             raise BadValue(allowed)
         return float(v)
 
-    return parse
+    return _described(parse, allowed)
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -107,6 +114,9 @@ def _bool(v: Any, text: bool) -> bool:
     return v
 
 
+_described(_bool, "true or false")
+
+
 def _choice(*options: str, fold: bool = False) -> Parser:
     allowed = "one of " + ", ".join(repr(o) for o in options)
 
@@ -116,7 +126,7 @@ def _choice(*options: str, fold: bool = False) -> Parser:
             raise BadValue(allowed)
         return key
 
-    return parse
+    return _described(parse, allowed, options)
 
 
 def _str(pattern: str | None = None, what: str = "a non-empty string") -> Parser:
@@ -127,7 +137,7 @@ def _str(pattern: str | None = None, what: str = "a non-empty string") -> Parser
             raise BadValue(what)
         return v
 
-    return parse
+    return _described(parse, what)
 
 
 def _hostport(*, listen: bool = False) -> Parser:
@@ -150,15 +160,30 @@ def _hostport(*, listen: bool = False) -> Parser:
             raise BadValue(allowed)
         return host, None if port is None else int(port)
 
-    return parse
+    return _described(parse, allowed)
 
 
-_NAME = _str(r"[A-Za-z0-9_-]{1,64}", "1-64 characters of A-Z a-z 0-9 _ - (it appears in MQTT topics)")
+def parse_hostport(text: str, *, default_port: int | None = None, listen: bool = False) -> HostPort:
+    """The one ``host:port`` parser of the project (config keys, the tap, ``BrokerConfig``).
+
+    Raises ``BadValue`` with the allowed form; a missing port takes ``default_port``."""
+    host, port = _hostport(listen=listen)(text, True)
+    if port is None:
+        if default_port is None:
+            raise BadValue(_hostport(listen=listen).allowed)  # type: ignore[attr-defined]
+        port = default_port
+    return HostPort(host, port)
+
+
+# the topic-level names of shared.topics (and of broker/add-device.sh): never + # / or controls
+_NAME = _str(r"[A-Za-z0-9_.-]{1,64}", "1-64 characters of A-Z a-z 0-9 _ . - (it appears in MQTT topics)")
 _ANY = _str()
 
 
 @dataclass(frozen=True)
 class _Key:
+    """One row of the table: the key's name is also its TOML name; ``env``/``flag`` follow it."""
+
     name: str
     kinds: tuple[str, ...]
     parse: Parser
@@ -166,12 +191,41 @@ class _Key:
     help: str
     path: bool = False  # relative paths in a file are taken from the file's folder
     secret: bool = False  # never on the command line, never shown
+    aliases: tuple[str, ...] = ()  # older or other tools' flag spellings, still accepted
+    default_text: str | None = None  # how --help and the docs show a computed default
+
+    @property
+    def env(self) -> str:
+        return env_name(self.name)
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.name)
+
+    @property
+    def is_bool(self) -> bool:
+        return self.parse is _bool
+
+    @property
+    def allowed(self) -> str:
+        return getattr(self.parse, "allowed", "")
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return getattr(self.parse, "choices", None)
+
+
+Key = _Key
 
 
 _BOTH, _E, _W = ("edge", "worker"), ("edge",), ("worker",)
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _MODEL_DEVICE = _str(r"auto|cpu|mps|cuda(:\d+)?", "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+MAX_GAMMA = 64  # shared.protocol.MAX_GAMMA: the most draft tokens one round carries
+_GAMMA = _int(1, MAX_GAMMA)
+DEFAULT_MAX_SESSIONS = 64  # the worker's sessions kept; cloud_worker and the bench use this one
+MAX_BODY_BYTES = 1 << 20
 KEYS: dict[str, _Key] = {
     k.name: k
     for k in [
@@ -181,20 +235,58 @@ KEYS: dict[str, _Key] = {
         _Key("username", _BOTH, _NAME, None, "MQTT username (the device or worker name)"),
         _Key("password", _BOTH, _ANY, None, "MQTT password (env or file only)", secret=True),
         _Key("password_file", _BOTH, _ANY, None, "file holding the MQTT password", path=True),
-        _Key("tls_ca", _BOTH, _ANY, None, "CA certificate file; turns TLS on", path=True),
-        _Key("tls_cert", _BOTH, _ANY, None, "client certificate file (with tls_key)", path=True),
-        _Key("tls_key", _BOTH, _ANY, None, "client private key file (with tls_cert)", path=True),
-        _Key("tls_insecure", _BOTH, _bool, False, "skip the broker hostname check (testing only)"),
+        _Key(
+            "tls_ca",
+            _BOTH,
+            _ANY,
+            None,
+            "CA certificate file; turns TLS on",
+            path=True,
+            aliases=("--ca-file",),
+        ),
+        _Key(
+            "tls_cert",
+            _BOTH,
+            _ANY,
+            None,
+            "client certificate file (with tls_key)",
+            path=True,
+            aliases=("--cert-file",),
+        ),
+        _Key(
+            "tls_key",
+            _BOTH,
+            _ANY,
+            None,
+            "client private key file (with tls_cert)",
+            path=True,
+            aliases=("--key-file",),
+        ),
+        _Key(
+            "tls_insecure",
+            _BOTH,
+            _bool,
+            False,
+            "skip the broker hostname check (testing only)",
+            aliases=("--insecure",),
+        ),
         _Key("keepalive", _BOTH, _int(5, 3600), 30, "MQTT keepalive in seconds"),
-        _Key("device", _E, _NAME, None, "device name in topics (default: username)"),
-        _Key("worker_id", _W, _NAME, None, "worker id (default: username, else hostname)"),
+        _Key(
+            "device",
+            _E,
+            _NAME,
+            None,
+            "device name in topics",
+            default_text="the username, else the host name",
+        ),
+        _Key("worker_id", _W, _NAME, None, "worker id", default_text="the username, else the host name"),
         _Key("draft", _BOTH, _ANY, "meta-llama/Llama-3.2-1B-Instruct", "draft model: hub id, folder or GGUF"),
         _Key(
             "target", _BOTH, _ANY, "meta-llama/Llama-3.1-8B-Instruct", "target model: hub id, folder or GGUF"
         ),
         _Key("model_device", _BOTH, _MODEL_DEVICE, "auto", "torch device of the model"),
         _Key("dtype", _BOTH, _choice(*_DTYPES), "auto", "model dtype"),
-        _Key("gamma", _E, _int(1, 16), 4, "draft tokens per round"),
+        _Key("gamma", _E, _GAMMA, 4, "draft tokens per round"),
         _Key("pipeline", _E, _bool, True, "draft the next block while the current one is verified"),
         _Key("max_new_tokens", _E, _int(1, 1_000_000), 256, "default generation length"),
         _Key("temperature", _E, _float(0.0, 100.0), 0.0, "sampling temperature (0 = greedy)"),
@@ -212,12 +304,35 @@ KEYS: dict[str, _Key] = {
         ),
         _Key("listen", _E, _hostport(listen=True), "127.0.0.1:8000", "local HTTP API HOST:PORT"),
         _Key("max_queue", _E, _int(1, 100_000), 16, "pending HTTP requests before 429"),
+        _Key("max_concurrent", _E, _int(1, 64), 1, "HTTP generations at once"),
+        _Key(
+            "model_name",
+            _E,
+            _ANY,
+            None,
+            "the model name API clients send",
+            default_text="the target's folder name",
+        ),
+        _Key(
+            "max_body_bytes",
+            _E,
+            _int(1024, 1 << 30),
+            MAX_BODY_BYTES,
+            "largest HTTP request body (413 beyond)",
+        ),
         _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
-        _Key("max_sessions", _W, _int(1, 1_000_000), 64, "sessions kept (LRU beyond)"),
+        _Key("max_sessions", _W, _int(1, 1_000_000), DEFAULT_MAX_SESSIONS, "sessions kept (LRU beyond)"),
         _Key("metrics_listen", _W, _hostport(listen=True), None, "Prometheus HOST:PORT (unset = off)"),
         _Key("log_level", _BOTH, _choice(*_LEVELS, fold=True), "info", "log level"),
         _Key("log_json", _BOTH, _bool, False, "log one JSON object per line"),
         _Key("cache", _BOTH, _ANY, None, "folder for converted model weights", path=True),
+        _Key(
+            "allow_download",
+            _BOTH,
+            _bool,
+            False,
+            "download hub models missing from the cache (HF_HUB_OFFLINE=1 forbids it)",
+        ),
         _Key("hf_token", _BOTH, _ANY, None, "Hugging Face token (env or file only)", secret=True),
         _Key("hf_token_file", _BOTH, _ANY, None, "file holding the Hugging Face token", path=True),
     ]
@@ -239,6 +354,16 @@ def env_name(key: str) -> str:
 def flag_name(key: str) -> str:
     """The command-line flag of a key: ``max_new_tokens`` -> ``--max-new-tokens``."""
     return "--" + key.replace("_", "-")
+
+
+def help_text(key: str) -> str:
+    """The ``--help`` text of a key: what it does, what it allows, its default and env var."""
+    spec = KEYS[key]
+    default = spec.default_text or ("unset" if spec.default is None else spec.default)
+    if spec.is_bool:
+        default = "on" if spec.default else "off"
+    allowed = f"; {spec.allowed}" if spec.allowed and not spec.is_bool and spec.parse is not _ANY else ""
+    return f"{spec.help}{allowed}; default {default}; env {spec.env}".replace("%", "%%")
 
 
 def check_kind(kind: str) -> None:

@@ -82,13 +82,13 @@ class BrokerConfig:
     @classmethod
     def parse_hostport(cls, hostport: str, **kwargs: object) -> BrokerConfig:
         """``"host:port"`` (or ``"host"``, port 1883, 8883 with ``tls``) plus any other field."""
-        host, sep, port_txt = hostport.rpartition(":")
-        if not sep:
-            host, port_txt = hostport, ("8883" if kwargs.get("tls") else "1883")
-        host = host.strip("[]")  # "[::1]:1883"
-        if not host or not port_txt.isdigit() or not 0 < int(port_txt) < 65536:
-            raise BrokerError(f"invalid broker address {hostport!r}: write HOST:PORT, e.g. 127.0.0.1:1883")
-        return cls(host=host, port=int(port_txt), **kwargs)  # type: ignore[arg-type]
+        from shared.config_keys import BadValue, parse_hostport  # the project's one host:port parser
+
+        try:
+            host, port = parse_hostport(hostport, default_port=8883 if kwargs.get("tls") else 1883)
+        except BadValue as bad:
+            raise BrokerError(f"invalid broker address {hostport!r}: write {bad}") from None
+        return cls(host=host, port=port, **kwargs)  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:

@@ -2,7 +2,7 @@
 
     spececd-tap                                   # everything under spececd/ on 127.0.0.1:1883
     spececd-tap 'spececd/v1/devA/+/down' --count 5
-    spececd-tap --broker mqtt.example.org:8883 --ca-file ca.crt --username ops --password-file pw
+    spececd-tap --broker mqtt.example.org:8883 --tls-ca ca.crt --username ops --password-file pw
 
 Each message is printed as one header line (topic, message type, payload size, MQTT 5
 properties) and one line of fields. CBOR payloads are decoded with ``shared.protocol.decode``;
@@ -24,8 +24,9 @@ import time
 import uuid
 from typing import TextIO
 
-from shared.errors import BrokerError, ProtocolError
-from shared.mqtt import CBOR, BrokerConfig, Incoming, TLSConfig, make_client, read_password_file
+from shared.config import add_broker_arguments, add_version_argument, broker_settings_from_args
+from shared.errors import BrokerError, ConfigError, ProtocolError
+from shared.mqtt import CBOR, Incoming, broker_config_from_settings, make_client
 from shared.protocol import decode
 from shared.topics import ALL_FILTER
 
@@ -86,13 +87,10 @@ def _short(value: object) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spececd-tap", description="Print SpecECD MQTT traffic, decoded.")
     p.add_argument("filter", nargs="?", default=ALL_FILTER, help=f"topic filter (default {ALL_FILTER})")
-    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default 127.0.0.1:1883)")
-    p.add_argument("--username", help="MQTT username (use one of its own on a production broker)")
-    p.add_argument("--password-file", help="file whose first line is the password")
-    p.add_argument("--ca-file", help="CA certificate of the broker: turns TLS on")
-    p.add_argument("--cert-file", help="client certificate (TLS)")
-    p.add_argument("--key-file", help="client key (TLS)")
-    p.add_argument("--insecure", action="store_true", help="TLS without the host name check")
+    add_version_argument(p)
+    # the same flags (and SPECECD_* variables) as the edge and the worker; --ca-file, --cert-file,
+    # --key-file and --insecure are still accepted. Use a username of its own on a production broker.
+    add_broker_arguments(p)
     p.add_argument("--count", type=int, default=0, help="exit after N messages (default: run until ^C)")
     p.add_argument("--timeout", type=float, default=0, help="exit with status 1 after S seconds")
     return p
@@ -103,14 +101,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     out = out or sys.stdout
     try:
-        tls = None
-        if args.ca_file:
-            tls = TLSConfig(args.ca_file, args.cert_file, args.key_file, insecure=args.insecure)
-        password = read_password_file(args.password_file) if args.password_file else None
-        config = BrokerConfig.parse_hostport(args.broker, username=args.username, password=password, tls=tls)
-        client = make_client(config, client_id=args.username or f"spececd-tap-{uuid.uuid4().hex[:8]}")
+        config = broker_config_from_settings(broker_settings_from_args(args))
+        client = make_client(config, client_id=config.username or f"spececd-tap-{uuid.uuid4().hex[:8]}")
         client.connect(timeout=10)
-    except BrokerError as exc:
+    except (BrokerError, ConfigError) as exc:
         print(f"spececd-tap: {exc}", file=sys.stderr)
         return 2
     try:
@@ -132,7 +126,10 @@ def _print_loop(messages: queue.Queue[Incoming], out: TextIO, *, count: int, tim
     while count <= 0 or seen < count:
         wait = 1.0 if deadline is None else deadline - time.monotonic()
         if wait <= 0:
-            print(f"spececd-tap: timed out after {timeout} s ({seen} of {count} messages)", file=sys.stderr)
+            wanted = (
+                f"{seen} of {count} messages" if count > 0 else f"{seen} message{'' if seen == 1 else 's'}"
+            )
+            print(f"spececd-tap: timed out after {timeout:g} s ({wanted})", file=sys.stderr)
             return 1
         try:
             msg = messages.get(timeout=min(wait, 1.0))

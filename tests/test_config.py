@@ -33,8 +33,8 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> str:
 
 # (kind, key, value as TOML text, fragment of the "allowed" text)
 FILE_CASES = [
-    ("edge", "gamma", "0", "from 1 to 16"),
-    ("edge", "gamma", "17", "from 1 to 16"),
+    ("edge", "gamma", "0", "from 1 to 64"),
+    ("edge", "gamma", "65", "from 1 to 64"),
     ("edge", "gamma", '"4"', "an integer"),  # TOML is typed: no strings for numbers
     ("edge", "gamma", "4.5", "an integer"),
     ("edge", "temperature", "-0.5", "[0.0, 100.0]"),
@@ -90,8 +90,8 @@ def test_invalid_file_value_names_key_value_and_allowed(tmp_path, kind, key, tom
 
 
 ENV_CASES = [
-    ("edge", "gamma", "four", "an integer from 1 to 16"),
-    ("edge", "gamma", "", "an integer from 1 to 16"),
+    ("edge", "gamma", "four", "an integer from 1 to 64"),
+    ("edge", "gamma", "", "an integer from 1 to 64"),
     ("edge", "temperature", "nan", "a number in [0.0, 100.0]"),
     ("edge", "temperature", "hot", "a number"),
     ("edge", "watchdog", "maybe", "1/0, yes/no, on/off"),
@@ -240,12 +240,13 @@ max_sessions = 9
     assert (worker.broker.host, worker.worker_id, worker.max_sessions) == ("mq.example", "worker-a", 9)
 
 
-def test_device_defaults_to_username_and_is_required():
+def test_device_defaults_to_username_else_the_host_name():
+    from shared.config import default_name
+
     assert load_edge_config(None, env={"SPECECD_USERNAME": "dev9"}).device == "dev9"
-    with pytest.raises(ConfigError) as info:
-        load_edge_config(None, env={})
-    assert info.value.key == "device"
-    assert load_edge_config(None, env={"SPECECD_MODE": "edge-only"}).device is None
+    # an anonymous dev broker needs no --device: the host name, as the worker's id
+    assert load_edge_config(None, env={}).device == default_name()
+    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", default_name())
 
 
 def test_tls_rules(tmp_path):
