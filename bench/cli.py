@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-timeout-s", type=float, default=600.0, help="how long the worker may take to load"
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from bench.fleet import add_fleet_arguments
+
+    add_fleet_arguments(ap)
     return ap
 
 
@@ -176,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # SIGTERM unwinds like Ctrl-C, so the broker, proxies and worker we started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.fleet is not None or args.noisy:  # the fleet / noisy-neighbour benchmarks (bench/fleet.py)
+        from bench.fleet import main_fleet
+
+        return main_fleet(args, draft_spec, target_spec, placement(args.no_pin), _argv_text(argv))
 
     try:
         report_dir = execute(
