@@ -1,0 +1,271 @@
+"""Adaptive draft length: a per-session γ controller (issue 13).
+
+Each round the loop asks :meth:`GammaController.decide` for γ and afterwards tells it what
+happened (:meth:`GammaController.observe`). The controller picks the γ that maximizes the
+expected committed tokens per second of the coming round,
+
+    rate(γ) = E[tokens | γ] / T(γ),
+    E[tokens | γ] = (1 − α^(γ+1)) / (1 − α)          (accepted drafts + the correction/bonus),
+    T(γ) = d · max(0, γ − ready) + net + queue + V(others + γ + 1),
+
+from figures it measures live, each an exponentially forgetting average (weight ``forget`` per
+round, so it follows a changing prompt, network or worker load within a few rounds):
+
+- α: the session's per-token acceptance, a Beta posterior over judged positions (accepted ones
+  are successes, the first rejected one a failure) around the prior ``alpha``, holding at most
+  ``alpha_window`` positions of evidence so that a change of prompt shows within a few rounds;
+- d: the draft's cost per token on this device (``draft_ms`` / tokens drafted in ``propose``);
+- ready: drafts already made ahead while the previous block was verified (pipelining), which
+  cost nothing now;
+- net: the round trip that is neither verify nor queue (``link_ms − verify_ms − queue_ms``);
+- queue: the worker's queue time;
+- V(P): the verify cost of a forward over P positions, as a table: a CPU's cost is a step
+  function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
+  optimistically (see :meth:`GammaController.verify_ms`), so it gets tried;
+- others: positions of the other sessions verified in the same forward, when the worker's
+  verdict says (optional ``batch_pos`` field; 0 otherwise).
+
+Pure: no clocks, no I/O; every figure comes in through :class:`Observation`. Exactness does
+not depend on it: γ only changes how many tokens are proposed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GAMMA_AUTO = "auto"
+REEXPLORE = 64  # rounds after which a verify time measured once is doubted (and may be re-tried)
+
+
+@dataclass(frozen=True, slots=True)
+class GammaPriors:
+    """Starting beliefs and tuning of the controller; the defaults suit CPU and GPU targets."""
+
+    gamma: int = 4  # the first round's γ, before anything was measured
+    gamma_max: int = 16
+    alpha: float = 0.7  # prior per-token acceptance
+    alpha_weight: float = 2.0  # worth of the prior, in judged positions
+    alpha_window: float = 24.0  # most judged positions of evidence kept (a long block must not swamp)
+    slope: float = 0.1  # prior verify cost of one more position, as a share of one position's cost
+    forget: float = 0.8  # weight kept by old evidence at each new round
+    verify_smoothing: float = 0.3  # weight of a new verify time in its position count's mean
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.gamma <= self.gamma_max <= 64:
+            raise ValueError(f"need 1 <= gamma <= gamma_max <= 64, got {self.gamma}, {self.gamma_max}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"prior alpha must be in (0, 1), got {self.alpha}")
+        if not (0.0 < self.forget <= 1.0 and 0.0 < self.verify_smoothing <= 1.0):
+            raise ValueError(
+                f"forget, verify_smoothing must be in (0, 1], got {self.forget}, {self.verify_smoothing}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one finished round measured."""
+
+    gamma: int  # draft tokens proposed
+    n_acc: int  # of them accepted
+    draft_ms: float  # drafting time on the critical path (inside propose)
+    drafted: int  # tokens drafted in that time (γ − those made ahead)
+    link_ms: float  # wall time of the verify call
+    verify_ms: float  # target forward + acceptance on the worker
+    queue_ms: float  # waiting on the worker
+    batch_pos: int | None = None  # positions of the whole batched forward, if the worker says
+
+
+@dataclass(frozen=True, slots=True)
+class GammaDecision:
+    """γ for the next round, the model's prediction for it, and why."""
+
+    gamma: int
+    tokens: float  # predicted committed tokens (accepted + 1)
+    round_ms: float  # predicted round time: critical-path drafting + the verify call
+    reason: str
+
+    @property
+    def rate(self) -> float:
+        """Predicted committed tokens per second."""
+        return self.tokens / self.round_ms * 1e3 if self.round_ms > 0 else 0.0
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """E[committed tokens] of a round of γ drafts at per-token acceptance α: (1 − α^(γ+1)) / (1 − α)."""
+    if alpha >= 1.0 - 1e-9:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+class _Ewma:
+    """A forgetting mean: each update keeps ``forget`` of the old evidence weight."""
+
+    __slots__ = ("total", "weight")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.weight = 0.0
+
+    def add(self, value: float, forget: float) -> None:
+        self.total = self.total * forget + value
+        self.weight = self.weight * forget + 1.0
+
+    def mean(self, default: float) -> float:
+        return self.total / self.weight if self.weight > 1e-9 else default
+
+
+class _Seen:
+    """The verify time of one position count: a smoothed mean and the round it was last seen."""
+
+    __slots__ = ("last", "mean")
+
+    def __init__(self, mean: float, last: int) -> None:
+        self.mean = mean
+        self.last = last
+
+
+class GammaController:
+    """Picks each round's γ for one session; ``fixed`` pins it (then it only predicts)."""
+
+    def __init__(self, priors: GammaPriors | None = None, *, fixed: int | None = None) -> None:
+        self.priors = priors or GammaPriors()
+        if fixed is not None and not 1 <= fixed <= 64:
+            raise ValueError(f"fixed gamma must be in 1..64, got {fixed}")
+        self.fixed = fixed
+        self.rounds = 0
+        self._acc = 0.0  # forgetting counts of accepted / rejected judged positions
+        self._rej = 0.0
+        self._draft = _Ewma()  # ms per drafted token
+        self._net = _Ewma()
+        self._queue = _Ewma()
+        self._others = _Ewma()  # positions of other sessions in the same forward
+        self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
+
+    # ------------------------------------------------------------------ learning
+    def observe(self, obs: Observation) -> None:
+        """Fold one finished round into the estimates."""
+        f = self.priors.forget
+        self.rounds += 1
+        judged = min(obs.n_acc + 1, obs.gamma)
+        self._acc = self._acc * f + obs.n_acc
+        self._rej = self._rej * f + (judged - obs.n_acc)
+        held = self._acc + self._rej
+        if held > self.priors.alpha_window:  # keep the newest evidence worth a window of positions
+            self._acc *= self.priors.alpha_window / held
+            self._rej *= self.priors.alpha_window / held
+        if obs.drafted > 0:
+            self._draft.add(obs.draft_ms / obs.drafted, f)
+        self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)
+        self._queue.add(obs.queue_ms, f)
+        own = obs.gamma + 1  # the pending token + γ drafts
+        positions = obs.batch_pos if obs.batch_pos is not None and obs.batch_pos >= own else own
+        self._others.add(positions - own, f)
+        entry = self._verify.get(positions)
+        if entry is None:
+            self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
+        else:
+            entry.mean += self.priors.verify_smoothing * (obs.verify_ms - entry.mean)
+            entry.last = self.rounds
+
+    @property
+    def alpha(self) -> float:
+        """Posterior mean of the per-token acceptance."""
+        p = self.priors
+        return (self._acc + p.alpha * p.alpha_weight) / (self._acc + self._rej + p.alpha_weight)
+
+    def verify_ms(self, positions: int) -> float:
+        """Predicted verify cost of a forward over ``positions`` positions (0 before any round).
+
+        A count seen in the last ``REEXPLORE`` rounds gives its measured mean. Any other is read
+        off its nearest neighbours: from the nearest count below along the prior shape
+        V(P) ∝ 1 + ρ(P − 1), at most the nearest count above; with only counts above, in
+        proportion to P. Optimistic on purpose: a γ not yet tried gets tried once and is then
+        known (and tried again only when its figure is old, in case the worker got faster)."""
+        fresh = {k: e.mean for k, e in self._verify.items() if self.rounds - e.last <= REEXPLORE}
+        if positions in fresh:
+            return fresh[positions]
+        near = fresh or {k: e.mean for k, e in self._verify.items()}
+        if not near:
+            return 0.0
+        rho = self.priors.slope
+        below = [k for k in near if k < positions]
+        above = [k for k in near if k > positions]
+        guess = math.inf
+        if below:
+            k = max(below)
+            guess = near[k] * (1.0 + rho * (positions - 1)) / (1.0 + rho * (k - 1))
+        if above:
+            k = min(above)
+            guess = min(guess, near[k]) if below else near[k] * positions / k
+        old = self._verify.get(positions)
+        return min(guess, old.mean) if old is not None else guess
+
+    # ------------------------------------------------------------------ deciding
+    def predict(self, gamma: int, *, ready: int = 0) -> tuple[float, float]:
+        """(expected committed tokens, expected round ms) of a round of ``gamma`` drafts."""
+        d = self._draft.mean(0.0)
+        others = round(self._others.mean(0.0))
+        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._queue.mean(0.0)
+        return expected_tokens(self.alpha, gamma), t + self.verify_ms(others + gamma + 1)
+
+    def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
+        """γ for the next round. ``ready``: drafts already made ahead (free now); ``remaining``:
+        tokens the generation still wants (a round yields at most γ + 1, so γ ≤ remaining − 1)."""
+        if self.fixed is not None:
+            tokens, ms = self.predict(self.fixed, ready=ready)
+            return GammaDecision(self.fixed, tokens, ms, "fixed")
+        cap = self.priors.gamma_max
+        if remaining is not None:
+            cap = max(1, min(cap, remaining - 1))
+        if self.rounds == 0:
+            g = min(self.priors.gamma, cap)
+            tokens, ms = self.predict(g, ready=ready)
+            return GammaDecision(g, tokens, ms, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
+        best = max(range(1, cap + 1), key=lambda g: _rate(*self.predict(g, ready=ready)))
+        tokens, ms = self.predict(best, ready=ready)
+        return GammaDecision(best, tokens, ms, self._reason(best, ready, cap))
+
+    def lookahead(self, gamma: int) -> int:
+        """How many tokens to draft ahead while a block of ``gamma`` is verified: the bonus
+        candidate plus the block the controller would pick if they were all free."""
+        if self.fixed is not None or self.rounds == 0:
+            return gamma + 1
+        free = max(range(1, self.priors.gamma_max + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
+        return max(gamma, free) + 1
+
+    def _reason(self, gamma: int, ready: int, cap: int) -> str:
+        others = round(self._others.mean(0.0))
+        parts = [
+            f"α̂={self.alpha:.2f}",
+            f"draft={self._draft.mean(0.0):.1f}ms/tok",
+            f"verify({others + gamma + 1})={self.verify_ms(others + gamma + 1):.1f}ms",
+            f"verify(2)={self.verify_ms(others + 2):.1f}ms",
+            f"net={self._net.mean(0.0):.1f}ms",
+            f"queue={self._queue.mean(0.0):.1f}ms",
+        ]
+        if ready:
+            parts.append(f"ready={ready}")
+        if others:
+            parts.append(f"batch+{others}")
+        if cap < self.priors.gamma_max:
+            parts.append(f"cap={cap}")
+        return " ".join(parts)
+
+
+def _rate(tokens: float, ms: float) -> float:
+    return tokens / max(ms, 1e-6)
+
+
+def parse_gamma(value: object) -> int | str:
+    """``"auto"`` or an int 1..64 (from a flag, a config file or an API request)."""
+    if isinstance(value, str) and value.strip().lower() == GAMMA_AUTO:
+        return GAMMA_AUTO
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            raise ValueError(f"gamma must be 'auto' or an integer 1..64, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"gamma must be 'auto' or an integer 1..64, got {value!r}")
+    return value

@@ -1,0 +1,211 @@
+"""The per-session γ controller (edge_agent/gamma.py), alone: priors, adaptation, the cost model.
+
+Rounds are simulated from a known truth (acceptance α, draft cost per token, network, a verify
+cost function of positions); acceptances are drawn with a fixed seed, so every test is
+deterministic and can fail.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from edge_agent.gamma import (
+    GAMMA_AUTO,
+    GammaController,
+    GammaPriors,
+    Observation,
+    expected_tokens,
+    parse_gamma,
+)
+
+Verify = Callable[[int], float]  # positions -> verify ms
+
+
+def flat(ms: float) -> Verify:
+    return lambda positions: ms
+
+
+def linear(base: float, per_position: float) -> Verify:
+    return lambda positions: base + per_position * positions
+
+
+def cpu_steps(step_ms: float) -> Verify:
+    """One forward step for up to 3 positions, two for 4..16 (the 1.5B target on the team CPU)."""
+    return lambda positions: step_ms if positions <= 3 else 2 * step_ms
+
+
+def true_rate(alpha: float, gamma: int, draft_ms: float, net_ms: float, verify: Verify) -> float:
+    return expected_tokens(alpha, gamma) / (draft_ms * gamma + net_ms + verify(gamma + 1))
+
+
+def n_accepted(rng: random.Random, alpha: float, gamma: int) -> int:
+    n = 0
+    while n < gamma and rng.random() < alpha:
+        n += 1
+    return n
+
+
+def simulate(
+    ctrl: GammaController,
+    *,
+    alpha: float | Callable[[int], float],
+    draft_ms: float,
+    net_ms: float,
+    verify: Verify,
+    rounds: int,
+    seed: int = 0,
+    others: int = 0,
+) -> list[int]:
+    """Run ``rounds`` rounds against the truth; returns the γ chosen each round."""
+    rng = random.Random(seed)
+    chosen = []
+    for r in range(rounds):
+        a = alpha(r) if callable(alpha) else alpha
+        g = ctrl.decide().gamma
+        chosen.append(g)
+        v = verify(others + g + 1)
+        ctrl.observe(
+            Observation(
+                gamma=g, n_acc=n_accepted(rng, a, g), draft_ms=draft_ms * g, drafted=g,
+                link_ms=net_ms + v, verify_ms=v, queue_ms=0.0,
+                batch_pos=others + g + 1 if others else None,
+            )
+        )  # fmt: skip
+    return chosen
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.8, 4) == pytest.approx(sum(0.8**i for i in range(5)))
+
+
+def test_first_round_uses_the_prior() -> None:
+    d = GammaController().decide()
+    assert d.gamma == 4 and d.reason.startswith("prior")
+    assert GammaController(GammaPriors(gamma=2)).decide().gamma == 2
+    assert GammaController().decide(remaining=2).gamma == 1  # a round yields up to γ + 1 tokens
+
+
+def test_fixed_gamma_only_predicts() -> None:
+    ctrl = GammaController(fixed=3)
+    simulate(ctrl, alpha=1.0, draft_ms=1.0, net_ms=100.0, verify=flat(10.0), rounds=10)
+    d = ctrl.decide()
+    assert (d.gamma, d.reason) == (3, "fixed")
+    assert d.tokens == pytest.approx(expected_tokens(ctrl.alpha, 3))
+    assert d.round_ms == pytest.approx(1.0 * 3 + 100.0 + 10.0)
+
+
+def test_bad_priors_and_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="gamma_max"):
+        GammaPriors(gamma=20, gamma_max=16)
+    with pytest.raises(ValueError, match="alpha"):
+        GammaPriors(alpha=1.0)
+    with pytest.raises(ValueError, match=r"1\.\.64"):
+        GammaController(fixed=0)
+    assert parse_gamma("auto") == parse_gamma(" AUTO ") == GAMMA_AUTO
+    assert parse_gamma("7") == parse_gamma(7) == 7
+    for bad in ("0", 65, "four", True, 2.5, ""):
+        with pytest.raises(ValueError, match=r"'auto' or an integer 1\.\.64"):
+            parse_gamma(bad)
+
+
+def test_acceptance_estimate_follows_the_session() -> None:
+    ctrl = GammaController()
+    assert ctrl.alpha == pytest.approx(0.7)
+    simulate(ctrl, alpha=0.95, draft_ms=5.0, net_ms=20.0, verify=flat(30.0), rounds=30, seed=1)
+    assert ctrl.alpha > 0.85
+    simulate(ctrl, alpha=0.2, draft_ms=5.0, net_ms=20.0, verify=flat(30.0), rounds=8, seed=2)
+    assert abs(ctrl.alpha - 0.2) < abs(ctrl.alpha - 0.95)  # closer to the new prompt after 8 rounds
+
+
+def test_adapts_within_a_few_rounds() -> None:
+    high = GammaController()
+    chosen = simulate(high, alpha=1.0, draft_ms=2.0, net_ms=100.0, verify=flat(20.0), rounds=5)
+    assert chosen[-1] >= 10, chosen  # every block passes and a round is expensive: long blocks
+    low = GammaController()
+    chosen = simulate(low, alpha=0.0, draft_ms=20.0, net_ms=5.0, verify=linear(10.0, 5.0), rounds=5)
+    assert chosen[-1] == 1, chosen  # nothing passes: one draft, then the target's own token
+
+
+def test_drops_gamma_when_acceptance_collapses_mid_session() -> None:
+    ctrl = GammaController()
+    chosen = simulate(
+        ctrl, alpha=lambda r: 0.95 if r < 30 else 0.1, draft_ms=2.0, net_ms=20.0,
+        verify=linear(20.0, 2.0), rounds=46, seed=3,
+    )  # fmt: skip
+    assert min(chosen[20:30]) >= 6 and max(chosen[40:]) <= 2, chosen  # 10 rounds after the change
+
+
+@pytest.mark.parametrize(
+    ("what", "small", "large"),
+    [
+        ("alpha", dict(alpha=0.5), dict(alpha=0.9)),
+        ("rtt", dict(net_ms=0.0), dict(net_ms=200.0)),
+        ("verify flat in positions", dict(verify=linear(20.0, 15.0)), dict(verify=flat(20.0))),
+        ("draft cost", dict(draft_ms=60.0), dict(draft_ms=2.0)),
+    ],
+)
+def test_direction_of_each_input(what: str, small: dict, large: dict) -> None:
+    base = dict(alpha=0.75, draft_ms=10.0, net_ms=30.0, verify=linear(30.0, 2.0))
+    g_small = simulate(GammaController(), **{**base, **small}, rounds=60, seed=4)[-20:]
+    g_large = simulate(GammaController(), **{**base, **large}, rounds=60, seed=4)[-20:]
+    assert sum(g_large) / 20 > sum(g_small) / 20 + 0.9, (what, g_small, g_large)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(alpha=0.7, draft_ms=100.0, net_ms=5.0, verify=cpu_steps(240.0)),  # demo pair on the CPU
+        dict(alpha=0.9, draft_ms=100.0, net_ms=50.0, verify=cpu_steps(240.0)),
+        dict(alpha=0.8, draft_ms=8.0, net_ms=50.0, verify=linear(25.0, 0.3)),  # GPU target, far away
+        dict(alpha=0.6, draft_ms=20.0, net_ms=2.0, verify=linear(10.0, 6.0)),
+        dict(alpha=0.95, draft_ms=1.0, net_ms=30.0, verify=flat(15.0)),
+    ],
+    ids=["cpu", "cpu-rtt50", "gpu-rtt50", "steep", "easy"],
+)
+def test_long_run_rate_close_to_the_best_fixed_gamma(case: dict) -> None:
+    ctrl = GammaController()
+    chosen = simulate(ctrl, **case, rounds=300, seed=5)
+    truth = {
+        g: true_rate(case["alpha"], g, case["draft_ms"], case["net_ms"], case["verify"]) for g in range(1, 17)
+    }
+    got = sum(truth[g] for g in chosen[20:]) / len(chosen[20:])
+    assert got >= 0.95 * max(truth.values()), (chosen[-30:], max(truth, key=truth.get))
+
+
+def test_drafts_made_ahead_are_free() -> None:
+    ctrl = GammaController()
+    simulate(ctrl, alpha=0.9, draft_ms=80.0, net_ms=10.0, verify=flat(50.0), rounds=20, seed=6)
+    cold, warm = ctrl.decide(), ctrl.decide(ready=8)
+    assert warm.gamma > cold.gamma
+    assert warm.round_ms < ctrl.predict(warm.gamma)[1]
+    assert ctrl.lookahead(cold.gamma) > cold.gamma + 1  # draft ahead toward the free-draft optimum
+
+
+def test_verify_cost_is_read_at_the_batch_positions() -> None:
+    """A batched forward costs by its total positions. Here the cost is proportional to them:
+    alone, a long block costs us in proportion; in a batch already holding 30 positions, the
+    round's cost is mostly the others' and a long block adds little, so blocks grow."""
+    prop = linear(0.0, 5.0)
+    alone = simulate(GammaController(), alpha=0.8, draft_ms=1.0, net_ms=2.0, verify=prop, rounds=40, seed=7)
+    busy_ctrl = GammaController()
+    busy = simulate(busy_ctrl, alpha=0.8, draft_ms=1.0, net_ms=2.0, verify=prop, rounds=40, seed=7, others=30)
+    assert sum(busy[-10:]) / 10 > sum(alone[-10:]) / 10 + 2, (alone[-10:], busy[-10:])
+    d = busy_ctrl.decide()
+    assert "batch+30" in d.reason
+    assert d.round_ms == pytest.approx(1.0 * d.gamma + 2.0 + busy_ctrl.verify_ms(30 + d.gamma + 1))
+
+
+def test_untried_gamma_is_estimated_along_the_prior_shape() -> None:
+    ctrl = GammaController(GammaPriors(slope=0.1))
+    ctrl.observe(
+        Observation(gamma=4, n_acc=2, draft_ms=4.0, drafted=4, link_ms=110.0, verify_ms=100.0, queue_ms=0.0)
+    )
+    assert ctrl.verify_ms(5) == 100.0
+    assert ctrl.verify_ms(9) == pytest.approx(100.0 * (1 + 0.1 * 8) / (1 + 0.1 * 4))
+    assert ctrl.verify_ms(2) == pytest.approx(100.0 * 2 / 5)  # only above: in proportion
