@@ -4,13 +4,15 @@ The fixtures in conftest.py use these helpers. A broker is rendered from ``broke
 or ``broker/mosquitto-prod.conf`` into a temp dir: the ``listener`` line gets a free port on
 127.0.0.1, ``/etc/mosquitto/spececd`` and ``/var/lib/mosquitto`` become temp paths, and when the
 tests run as root ``user root`` is appended (mosquitto started as root would otherwise drop to the
-``mosquitto`` user, which cannot read pytest's 0700 temp dirs). The prod broker's CA, password file
-and ACL are made with the project's own scripts (make-dev-ca.sh, add-device.sh, add-worker.sh),
-so the tests exercise them too.
+``mosquitto`` user, which cannot read pytest's 0700 temp dirs). The prod broker runs the way the
+Docker image does: ``broker/mosquitto-main.conf`` including ``broker/mosquitto-prod.conf`` from a
+conf.d dir. Its CA and dynamic-security file are made with the project's own scripts
+(make-dev-ca.sh, add-device.sh, add-worker.sh, add-monitor.sh), so the tests exercise them too.
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import shutil
@@ -26,15 +28,26 @@ from shared.mqtt import BrokerConfig, MqttClient, TLSConfig, make_client
 
 REPO = Path(__file__).resolve().parent.parent
 BROKER_DIR = REPO / "broker"
-PROD_USERS = {"devA": "pw-devA", "devB": "pw-devB", "worker1": "pw-worker1", "worker2": "pw-worker2"}
+PROD_USERS = {
+    "devA": "pw-devA",
+    "devB": "pw-devB",
+    "worker1": "pw-worker1",
+    "worker2": "pw-worker2",
+    "monitor": "pw-monitor",
+}
 PROD_WORKERS = ("worker1", "worker2")
+PROD_MONITORS = ("monitor",)
+PLUGIN_PREFIX = "/usr/local/lib/mosquitto"  # where `make -C broker/retain-guard install` puts the plugin
+DYNSEC_PLUGIN_PATHS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so")
 
 
 def mosquitto_missing() -> str | None:
     """Why broker tests cannot run here, or None when they can."""
-    for tool in ("mosquitto", "mosquitto_passwd", "openssl"):
+    for tool in ("mosquitto", "openssl", "python3"):
         if shutil.which(tool) is None:
-            return f"{tool} not installed (apt-get install mosquitto mosquitto-clients openssl)"
+            return f"{tool} not installed (apt-get install mosquitto mosquitto-clients openssl python3)"
+    if not any(glob.glob(pattern) for pattern in DYNSEC_PLUGIN_PATHS):
+        return "mosquitto_dynamic_security.so not found (Debian's mosquitto package has it)"
     return None
 
 
@@ -45,18 +58,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_conf(text: str, *, port: int, confdir: Path, datadir: Path) -> str:
-    """The broker config ``text`` with its listener on ``port`` and its paths in temp dirs."""
+def render_conf(
+    text: str,
+    *,
+    port: int | None,
+    confdir: Path,
+    datadir: Path,
+    includedir: Path | None = None,
+    main: bool = True,
+) -> str:
+    """The broker config ``text`` with its listener on ``port`` and its paths in temp dirs.
+
+    ``port`` None: a main config without a listener of its own (it includes one from
+    ``includedir``, which replaces ``/etc/mosquitto/conf.d``). ``main`` False: a conf.d snippet,
+    which must not repeat the main config's ``user root``.
+    """
     lines = []
     for line in text.splitlines():
-        if line.startswith("listener "):
+        if line.startswith("listener ") and port is not None:
             line = f"listener {port} 127.0.0.1"
-        lines.append(
-            line.replace("/etc/mosquitto/spececd", str(confdir)).replace("/var/lib/mosquitto", str(datadir))
-        )
-    if sum(line.startswith("listener ") for line in lines) != 1:
-        raise ValueError("the broker config must have exactly one `listener` line")
-    if os.geteuid() == 0:
+        if includedir is not None:
+            line = line.replace("/etc/mosquitto/conf.d", str(includedir))
+        line = line.replace("/etc/mosquitto/spececd", str(confdir)).replace("/var/lib/mosquitto", str(datadir))
+        lines.append(line.replace(f"{PLUGIN_PREFIX}/", f"{confdir}/"))
+    if sum(line.startswith("listener ") for line in lines) != (0 if port is None else 1):
+        raise ValueError("the broker config must have exactly one `listener` line (none in a main config)")
+    if os.geteuid() == 0 and main:
         lines.append("user root")
     return "\n".join(lines) + "\n"
 
@@ -146,9 +173,20 @@ def start_broker(kind: str, workdir: Path) -> Broker:
         broker.users = dict(PROD_USERS)
         broker.ca_file = confdir / "certs" / "ca.crt"
     src = (BROKER_DIR / f"mosquitto-{kind}.conf").read_text()
+    includedir = workdir / "conf.d"
+    if kind == "prod":  # as in the Docker image: the main config includes the prod snippet
+        includedir.mkdir(exist_ok=True)
+        main = (BROKER_DIR / "mosquitto-main.conf").read_text()
+        broker.conf.write_text(
+            render_conf(main, port=None, confdir=confdir, datadir=datadir, includedir=includedir)
+        )
     for attempt in itertools.count():  # another process may grab the free port before mosquitto
         broker.port = free_port()
-        broker.conf.write_text(render_conf(src, port=broker.port, confdir=confdir, datadir=datadir))
+        if kind == "prod":
+            snippet = render_conf(src, port=broker.port, confdir=confdir, datadir=datadir, main=False)
+            (includedir / "spececd.conf").write_text(snippet)
+        else:
+            broker.conf.write_text(render_conf(src, port=broker.port, confdir=confdir, datadir=datadir))
         try:
             broker.start()
             return broker
@@ -158,16 +196,37 @@ def start_broker(kind: str, workdir: Path) -> Broker:
     raise AssertionError("unreachable")
 
 
+def prod_missing() -> str | None:
+    """Why the prod broker cannot run here (its retain-guard plugin must be compiled), or None."""
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        return "make or cc missing: apt-get install make gcc (to build broker/retain-guard)"
+    if not Path("/usr/include/mosquitto_plugin.h").exists():
+        return "mosquitto_plugin.h missing: apt-get install mosquitto-dev (to build broker/retain-guard)"
+    return mosquitto_missing()
+
+
+def build_retain_guard(outdir: Path) -> Path:
+    """Compile broker/retain-guard into ``outdir`` (where rendered configs look for it)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(BROKER_DIR / "retain-guard"), f"OUT={outdir}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return outdir / "spececd_retain_guard.so"
+
+
 def _prepare_prod(confdir: Path) -> None:
     env = {**os.environ, "SPECECD_BROKER_DIR": str(confdir)}
 
     def run(*args: str) -> None:
         subprocess.run(args, check=True, env=env, capture_output=True, timeout=30)
 
+    build_retain_guard(confdir)
+
     run(str(BROKER_DIR / "make-dev-ca.sh"), str(confdir / "certs"), "localhost")
     for user, password in PROD_USERS.items():
-        script = "add-worker.sh" if user in PROD_WORKERS else "add-device.sh"
-        run(str(BROKER_DIR / script), user, password)
+        kind = "worker" if user in PROD_WORKERS else "monitor" if user in PROD_MONITORS else "device"
+        run(str(BROKER_DIR / f"add-{kind}.sh"), user, password)
 
 
 class Clients:

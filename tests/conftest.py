@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Broker, Clients, mosquitto_missing, start_broker
+from tests.brokers import Broker, Clients, mosquitto_missing, prod_missing, start_broker
 
 # --------------------------------------------------------------------------- general
 
@@ -34,7 +34,7 @@ def uid() -> str:
 
 
 def _broker(kind: str, workdir: Path) -> Iterator[Broker]:
-    reason = mosquitto_missing()
+    reason = prod_missing() if kind == "prod" else mosquitto_missing()
     if reason:
         pytest.skip(reason)
     broker = start_broker(kind, workdir)
@@ -59,7 +59,8 @@ def own_dev_broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.fixture(scope="session")
 def prod_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """The prod config (TLS, passwords, ACL), shared by the run. ``users``: devA, devB (devices),
-    worker1, worker2 (workers) with their passwords; ``ca_file``; ``config(username)``."""
+    worker1, worker2 (workers), monitor (read-only operator) with their passwords; ``ca_file``;
+    ``config(username)``."""
     yield from _broker("prod", tmp_path_factory.mktemp("prod-broker"))
 
 

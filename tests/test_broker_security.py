@@ -1,8 +1,12 @@
-"""The production broker config (TLS, passwords, ACL of DESIGN §2) keeps devices apart.
+"""The production broker config (TLS, passwords, dynamic-security roles of DESIGN §2) keeps
+devices apart.
 
-Mosquitto accepts a subscription the ACL forbids and drops a forbidden publish without telling
-the subscribers, so every test asserts on delivery (what arrives, what does not), and each has a
-positive control that the same path works for the rightful owner.
+The dynamic-security plugin refuses a forbidden SUBSCRIBE ("Not authorized" in the SUBACK) and
+drops a forbidden publish without telling the subscribers. A SUBACK proves little (acl_file
+granted subscriptions that then delivered nothing, or worse), so every test asserts on delivery
+(what arrives, what does not), and each has a positive control that the same path works for the
+rightful owner. The share-group attacks are in test_broker_share_group.py, retain and sizes in
+test_broker_limits.py.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 import pytest
 
 from shared.errors import BrokerAuthError, BrokerError
-from shared.mqtt import Incoming
+from shared.mqtt import Incoming, MqttClient
 from shared.topics import OPEN_SHARED_FILTER, UP_FILTER, down_topic, open_topic, status_topic, up_topic
 from tests.brokers import BROKER_DIR
 
@@ -41,12 +45,22 @@ def _drain(q: queue.Queue[Incoming], wait: float = 0.3, *, status: bool = False)
     return topics
 
 
+def try_subscribe(client: MqttClient, topic_filter: str) -> bool:
+    """Subscribe; False when the broker refused it (the caller still checks delivery)."""
+    try:
+        client.subscribe(topic_filter)
+        return True
+    except BrokerError as exc:
+        assert "Not authorized" in str(exc), exc
+        return False
+
+
 def test_device_receives_nothing_of_another_devices_down(prod_broker, mqtt_clients, uid):
     dev_a = mqtt_clients.make(prod_broker.config("devA"))
     dev_b = mqtt_clients.make(prod_broker.config("devB"))
     worker = mqtt_clients.make(prod_broker.config("worker1"))
-    dev_a.subscribe("spececd/v1/devB/+/down")  # accepted by the broker, must deliver nothing
-    dev_a.subscribe("#")
+    for stolen in ("spececd/v1/devB/+/down", "#", "spececd/v1/+/+/down", "$share/g/spececd/v1/devB/+/down"):
+        assert not try_subscribe(dev_a, stolen), stolen  # refused at SUBSCRIBE
     dev_b.subscribe(down_topic("devB", uid))
 
     worker.publish(down_topic("devB", uid), b"verdict for B", wait=True)

@@ -18,7 +18,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.speculative import GenerateOptions, SessionState
 from shared import topics
-from shared.errors import BrokerAuthError
+from shared.errors import BrokerAuthError, BrokerError
 from shared.models import load_model
 from shared.protocol import Draft, encode
 from tests.tiny import make_tiny_model_dir
@@ -60,7 +60,8 @@ def test_other_device_cannot_inject_into_a_session(models, prod_broker, worker, 
     link = MqttLink(prod_broker.config("devA"), device="devA", round_timeout_s=3.0)
     link.connect()
     intruder = mqtt_clients.make(prod_broker.config("devB"))
-    intruder.subscribe("spececd/v1/devA/+/down")  # accepted by the broker, delivers nothing
+    with pytest.raises(BrokerError, match="Not authorized"):  # refused, and delivers nothing below
+        intruder.subscribe("spececd/v1/devA/+/down")
     try:
         agent = EdgeAgent(models["draft"], link, defaults=GenerateOptions(gamma=2, max_new_tokens=16))
         state = SessionState()
