@@ -33,6 +33,7 @@ from starlette.routing import Route
 from edge_agent.agent import EdgeAgent
 from edge_agent.api_server import ServerHandle, start_server, uvicorn_server
 from edge_agent.api_text import ApiError, GenRequest, Outcome, parse_request, run_job
+from shared.config_keys import MAX_BODY_BYTES
 from shared.errors import CloudUnavailableError, SpecECDError
 from shared.metrics import CONTENT_TYPE_LATEST, EdgeMetrics
 
@@ -90,8 +91,12 @@ class _Api:
         max_queue: int,
         max_concurrent: int,
         metrics: EdgeMetrics,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.agent, self.model_name, self.metrics = agent, model_name, metrics
+        self.max_body_bytes = max_body_bytes
+        # tokenizing runs here, never on the event loop (one thread: /health stays answered)
+        self.parser_pool = ThreadPoolExecutor(1, thread_name_prefix="spececd-parse")
         self.names = {model_name, *aliases}
         self.max_queue, self.max_concurrent = max_queue, max_concurrent
         self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="spececd-gen")
@@ -129,7 +134,18 @@ class _Api:
             )
 
     async def _body(self, request: Request) -> object:
-        raw = await request.body()
+        """The JSON body, read up to ``max_body_bytes`` (413 beyond, before reading the rest)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -156,7 +172,10 @@ class _Api:
         endpoint = request.url.path
         body = await self._body(request)
         self._check_model(body)
-        req = parse_request(self.agent, body, kind, context=self.context)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(
+            self.parser_pool, lambda: parse_request(self.agent, body, kind, context=self.context)
+        )
         self._check_cloud(req)
         if self.gate is None:
             self.gate = _Gate(self.max_concurrent, self.max_queue, self.metrics)
@@ -165,8 +184,9 @@ class _Api:
         if req.stream:
             self.metrics.request_done(endpoint, 200)
             return StreamingResponse(self._sse(req, cancel), media_type="text/event-stream")
+        fut = self._start(req, lambda _t: None, cancel)
         try:
-            out = await self._start(req, lambda _t: None, cancel)
+            out = await _until_done_or_gone(fut, request, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the client went away: stop generating
             raise
@@ -233,17 +253,17 @@ class _Api:
                 yield "data: [DONE]\n\n"
                 return
             final = self._chunk(req, None, out.finish_reason)
-            final["usage"] = out.usage()
             final["spececd"] = out.extension()
             yield _sse_line(final)
-            if req.include_usage:
+            if req.include_usage:  # as OpenAI: once, in a last chunk with no choices
                 yield _sse_line({**self._chunk(req, None, None), "choices": [], "usage": out.usage()})
             yield "data: [DONE]\n\n"
         finally:
             cancel.set()  # a no-op when finished; stops the generation when the client left
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in sorted(self.names)]})
+        # the served name only; aliases (the target's id, "spececd") are still accepted in requests
+        return JSONResponse({"object": "list", "data": [self._model_card(self.model_name)]})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
@@ -276,6 +296,37 @@ class _Api:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def _until_done_or_gone(
+    fut: asyncio.Future[Outcome], request: Request, cancel: threading.Event
+) -> Outcome:
+    """Wait for a non-streamed generation; stop it when the client disconnects (uvicorn then
+    delivers ``http.disconnect``; Starlette never cancels a plain handler on its own)."""
+
+    async def gone() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not fut.done():
+            cancel.set()  # the client went away: stop generating, free the slot
+        return await fut
+    finally:
+        watcher.cancel()
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size} bytes or more; this agent takes at most {limit} (max_body_bytes)",
+        param=None,
+        code="request_too_large",
+    )
+
+
 def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -297,6 +348,7 @@ def create_app(
     metrics: EdgeMetrics | None = None,
     heartbeat: Callable[[], None] | None = None,
     heartbeat_interval: float = 1.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Starlette:
     """The ASGI app serving ``agent`` as ``model_name`` (and ``aliases``).
 
@@ -312,7 +364,7 @@ def create_app(
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     if metrics is None:
         metrics = EdgeMetrics().attach(agent)
-    api = _Api(agent, model_name, aliases, max_queue, max_concurrent, metrics)
+    api = _Api(agent, model_name, aliases, max_queue, max_concurrent, metrics, max_body_bytes)
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -337,6 +389,7 @@ def create_app(
         if beat is not None:
             beat.cancel()
         api.pool.shutdown(wait=False, cancel_futures=True)
+        api.parser_pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -378,6 +431,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     heartbeat: Callable[[], None] | None = None,
     heartbeat_interval: float = 1.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Serve the API on ``host:port`` in this thread until SIGINT/SIGTERM (blocking).
 
@@ -394,6 +448,7 @@ def serve(
         metrics=metrics,
         heartbeat=heartbeat,
         heartbeat_interval=heartbeat_interval,
+        max_body_bytes=max_body_bytes,
     )
     server = uvicorn_server(app, host, port, log_level)
     if on_ready is not None:

@@ -28,6 +28,35 @@ log = logging.getLogger(__name__)
 MAX_STOP = 4  # as OpenAI's API
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
+# The fields each endpoint implements. Anything else is answered 400 naming it, as OpenAI does.
+_COMMON = {"model", "stream", "stream_options", "n", "stop", "max_tokens", "temperature", "top_p",
+           "top_k", "seed", "spececd", "user", "metadata", "store"}  # fmt: skip
+FIELDS = {
+    "completion": _COMMON | {"prompt"},
+    "chat": _COMMON | {"messages", "max_completion_tokens"},
+}
+# Options whose neutral value is accepted (it changes nothing); any other value is refused.
+NEUTRAL = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
+    "service_tier": (None, "auto", "default"),
+}
+SPECECD_FIELDS = ("mode", "gamma")
+
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
@@ -182,10 +211,52 @@ def encode_messages(agent: EdgeAgent, messages: list[dict]) -> list[int]:
     return agent.encode_prompt(text, chat=False)
 
 
+def check_fields(body: dict, kind: str) -> None:
+    """Refuse what this API does not implement, naming the field (never ignore an option)."""
+    for name, value in body.items():
+        if name in FIELDS[kind]:
+            continue
+        if name in NEUTRAL:
+            if any(
+                value is None if ok is None else type(value) is type(ok) and value == ok
+                for ok in NEUTRAL[name]
+            ):
+                continue
+            raise _bad(
+                f"'{name}' is not supported by this API (SpecECD implements: {', '.join(sorted(FIELDS[kind]))}); "
+                f"remove it or send {NEUTRAL[name][-1]!r}",
+                name,
+                "unsupported_parameter",
+            )
+        raise _bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+    ext = body.get("spececd")
+    if isinstance(ext, dict):
+        for name in ext:
+            if name not in SPECECD_FIELDS:
+                raise _bad(
+                    f"Unrecognized argument 'spececd.{name}': the spececd object takes {', '.join(SPECECD_FIELDS)}",
+                    f"spececd.{name}",
+                    "unknown_parameter",
+                )
+    so = body.get("stream_options")
+    if so is not None:
+        if body.get("stream") is not True:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if (
+            not isinstance(so, dict)
+            or set(so) - {"include_usage"}
+            or not isinstance(so.get("include_usage", False), bool)
+        ):
+            raise _bad("'stream_options' must be {\"include_usage\": true or false}", "stream_options")
+
+
 def parse_request(agent: EdgeAgent, body: object, kind: str, *, context: int | None) -> GenRequest:
-    """Validate an OpenAI-style body (``kind`` "completion" or "chat") into a :class:`GenRequest`."""
+    """Validate an OpenAI-style body (``kind`` "completion" or "chat") into a :class:`GenRequest`.
+
+    Blocking (it tokenizes): the API runs it off the event loop."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
+    check_fields(body, kind)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false", "stream")
@@ -200,6 +271,7 @@ def parse_request(agent: EdgeAgent, body: object, kind: str, *, context: int | N
     if top_p == 0.0:
         raise _bad("'top_p' must be greater than 0", "top_p")
     seed = _int(body, "seed", 0, 2**63 - 1)
+    top_k = _int(body, "top_k", 0, 1 << 30)
     ext = body.get("spececd") or {}
     if not isinstance(ext, dict):
         raise _bad('\'spececd\' must be an object like {"mode": "speculative", "gamma": 4}', "spececd")
@@ -219,7 +291,7 @@ def parse_request(agent: EdgeAgent, body: object, kind: str, *, context: int | N
         budget = min(budget, context - len(prompt_ids))  # the rest of the context, at most
     params = SamplingParams(
         temperature=d.params.temperature if temperature is None else temperature,
-        top_k=d.params.top_k,
+        top_k=d.params.top_k if top_k is None else top_k,
         top_p=d.params.top_p if top_p is None else top_p,
         seed=d.params.seed if seed is None else seed,
     )

@@ -31,10 +31,16 @@ PURPOSE_ACCEPT = 2  # the verifier's accept test for x_i
 PURPOSE_NEXT = 3  # the verifier's correction or bonus token
 PURPOSE_TARGET = 4  # target-only (cloud-only) sampling
 
+# Temperatures below this are greedy on both sides. Dividing logits by a tiny temperature
+# overflows float32 (1e-45 gives inf - inf = NaN in softmax); 1e-3 already puts all but
+# ~e^-1000 of the mass on the argmax, so greedy is the distribution such a temperature defines.
+GREEDY_BELOW = 1e-3
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Temperature, top-k and top-p as in transformers; temperature 0 means greedy."""
+    """Temperature, top-k and top-p as in transformers; a temperature below ``GREEDY_BELOW``
+    (0 included) means greedy."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
@@ -55,13 +61,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True below ``GREEDY_BELOW``: the edge and the worker both decide by this property."""
+        return self.temperature < GREEDY_BELOW
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Turn logits ``[..., V]`` into the sampling distribution ``[..., V]`` (float32).
 
-    Greedy (temperature 0) gives a one-hot distribution at the argmax (lowest id on ties),
+    Greedy (temperature below ``GREEDY_BELOW``) gives a one-hot distribution at the argmax (lowest id on ties),
     so the acceptance rule needs no special case.
     """
     logits = logits.float()
