@@ -133,6 +133,8 @@ def generate_via_api(
     body.update({k: v for k, v in optional.items() if v is not None})
     if mode is not None:
         body["spececd"] = {"mode": mode}
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # usage comes only when asked for
     path = "/chat/completions" if chat else "/completions"
     with _request(base + path, body, timeout) as resp:
         if not stream:
