@@ -1,0 +1,167 @@
+"""The fleet and noisy-neighbour benchmarks (bench/fleet*.py, bench/noisy*.py) on tiny models and a
+real Mosquitto: replayed sessions get the recorded verdicts (and a tampered recording is caught),
+the reports carry their figures, and a flooding device leaves a well-behaved one's output intact."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import DEFAULT_PROMPTS, load_prompts, main
+from bench.fleet import record_all
+from bench.fleet_record import CLOUD, SPECULATIVE, Step, load_recordings
+from bench.fleet_replay import Replayer, only, plan_slots
+from shared.models import load_model
+from tests.brokers import mosquitto_missing
+from tests.tiny import make_tiny_model_dir
+from tests.workers import start_worker_process
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = [
+    "--num-prompts",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--gamma",
+    "2",
+    "--no-progress",
+    "--worker-timeout-s",
+    "90",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fleet-models")
+    draft = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
+    target = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
+    return draft, target
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(temperature=[0.8], top_k=0, top_p=1.0, seed=5, gamma=[2], max_new_tokens=10)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_replay_gets_the_recorded_answers_and_catches_a_difference(dev_broker, tiny_pair, tmp_path) -> None:
+    """Three concurrent replays of each recorded generation (seeded T = 0.8, speculative and
+    cloud-only) get exactly the recorded verdicts and tokens; a recording with one changed token is
+    reported as a mismatch at that step."""
+    from edge_agent.mqtt_link import MqttLink
+
+    draft_dir, target_dir = tiny_pair
+    cfg = dev_broker.config()
+    wp = start_worker_process(cfg, worker_id="fleet-t1", target=str(target_dir), workdir=tmp_path)
+    try:
+        link = MqttLink(cfg, device="fleetrec", round_timeout_s=30)
+        link.connect()
+        draft = load_model(str(draft_dir))
+        prompts = load_prompts(DEFAULT_PROMPTS, 2, draft.tokenizer)
+        recs = record_all(
+            link, draft, prompts, _args(), "tiny-draft", str(target_dir), ["speculative", "cloud-only"]
+        )
+        link.shutdown()
+        assert {r.mode for r in recs} == {SPECULATIVE, CLOUD}
+        assert all(r.steps and r.tokens for r in recs)
+        for r in only(recs, SPECULATIVE):  # the recording is what the edge committed, round by round
+            assert sum(s.committed for s in r.steps) == len(r.tokens)
+        replayer = Replayer(cfg, round_timeout_s=30)
+        replayer.connect()
+        try:
+            for mode in (SPECULATIVE, CLOUD):
+                mine = only(recs, mode)
+                replayer.run(plan_slots(3, mine, device_prefix=f"t{mode[0]}"), duration_s=None, drain_s=120)
+                gens = replayer.generations
+                assert len(gens) == 3 * len(mine)
+                assert [g.mismatch or g.error for g in gens] == [None] * len(gens)
+                assert all(g.complete for g in gens)
+                by_prompt = {r.prompt: len(r.tokens) for r in mine}
+                assert all(g.tokens == by_prompt[g.prompt] for g in gens)
+            # One recorded answer changed: the replay must notice, at that step.
+            rec = only(recs, SPECULATIVE)[0]
+            step = rec.steps[1] if len(rec.steps) > 1 else rec.steps[0]
+            k = rec.steps.index(step)
+            wrong = Step(step.msg, (step.expect[0], step.expect[1] + 1, step.expect[2]), step.committed)
+            bad = dataclasses.replace(rec, steps=(*rec.steps[:k], wrong, *rec.steps[k + 1 :]))
+            replayer.run([("tbad", [bad])], duration_s=None, drain_s=60)
+            (gen,) = replayer.generations
+            assert not gen.complete
+            assert gen.mismatch is not None and gen.mismatch.startswith(f"step {k} (draft)")
+        finally:
+            replayer.close()
+    finally:
+        wp.terminate()
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tiny_pair, tmp_path_factory) -> tuple[dict, Path]:
+    if mosquitto_missing():
+        pytest.skip(mosquitto_missing())
+    out = tmp_path_factory.mktemp("fleet-out")
+    draft, target = tiny_pair
+    argv = ["--draft", str(draft), "--target", str(target), *TINY, "--temperature", "0.8", "--fleet", "1,3",
+            "--fleet-seconds", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((out / "fleet.json").read_text()), out
+
+
+def test_fleet_report_has_every_cell_and_no_mismatch(fleet_run) -> None:
+    report, out = fleet_run
+    cells = {(c["mode"], c["n"]): c for c in report["cells"]}
+    assert set(cells) == {(m, n) for m in ("speculative", "cloud-only") for n in (1, 3)}
+    for (_mode, n), c in cells.items():
+        assert c["mismatches"] == 0 and c["errors"] == 0, c
+        assert c["generations_complete"] >= n
+        assert c["committed_tokens"] > 0 and c["server_tokens_per_s"] > 0
+        assert c["session_tokens_per_s"]["min"] > 0  # every session was served
+        assert c["round_ms"]["p50"] <= c["round_ms"]["p99"]
+        assert c["target_forwards"] > 0 and c["forwards_per_token"] > 0
+        assert c["positions_per_forward"] >= 1
+        assert c["replayer_cpu_ms_per_round"] > 0 and c["worker_cpu_ms_per_round"] > 0
+        assert c["forwards_source"]
+        # the per-session rates add up to the server's
+        assert c["session_tokens_per_s"]["mean"] * n == pytest.approx(c["server_tokens_per_s"], rel=0.01)
+    assert len(report["recordings"]) == 4  # 2 prompts × 2 modes
+    assert len(load_recordings(out / "recordings.json")) == 4
+    assert (out / "fleet_throughput.png").read_bytes()[:8] == PNG_MAGIC
+    md = (out / "fleet.md").read_text()
+    assert "| worker | speculative | 3 |" in md and "fleet_throughput.png" in md
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tiny_pair, tmp_path_factory) -> dict:
+    if mosquitto_missing():
+        pytest.skip(mosquitto_missing())
+    out = tmp_path_factory.mktemp("noisy-out")
+    draft, target = tiny_pair
+    argv = ["--draft", str(draft), "--target", str(target), *TINY, "--noisy", "--noisy-opens", "200",
+            "--noisy-streams", "2", "--noisy-decodes", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "noisy.json").read_text())
+    assert (out / "noisy.md").read_text().startswith("# Noisy-neighbour benchmark")
+    return report
+
+
+def test_noisy_report_measures_both_runs(noisy_run) -> None:
+    r = noisy_run
+    alone = r["alone"]
+    assert alone["complete"] == alone["generations"] == 2 and not alone["mismatches"] and not alone["errors"]
+    assert alone["tokens"] > 0 and alone["tokens_per_s"] > 0
+    assert r["flooded"]["generations"] == 2
+    assert r["flood_answers"]  # the flood reached the worker and got answers
+    assert {"share_of_solo_throughput", "good_token_share", "identical_output", "worker_alive"} <= set(r)
+
+
+def test_noisy_neighbour_leaves_the_good_device_unharmed(noisy_run) -> None:
+    """Issue 10: under the flood the well-behaved device completes with identical output and keeps
+    a real share of the worker (the ≥ 40 % target is measured on the demo pair by the benchmark;
+    on tiny models on a shared machine we ask for 20 %)."""
+    r = noisy_run
+    assert r["worker_alive"]
+    assert r["flooded"]["errors"] == [] and r["flooded"]["mismatches"] == []
+    assert r["identical_output"]
+    assert r["share_of_solo_throughput"] >= 0.2
