@@ -1,0 +1,204 @@
+"""γ varying mid-generation leaves the output exact (issue 13), with tiny real models.
+
+γ only changes how many tokens are proposed each round. Greedy output equals the target's own
+greedy decoding for any γ schedule. A seeded generation's tokens depend on which positions were
+drafted and which were drawn as the target's bonus, so its reference is the exact algorithm
+(DESIGN §4) run without any cache on the same γ schedule; pipelined drafting (which reuses drafts
+across rounds of different γ) must give exactly those tokens too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import edge_agent.speculative as spec
+from bench.inprocess import InProcessPair
+from cloud_worker.worker import Worker
+from edge_agent.agent import EdgeAgent
+from edge_agent.gamma import GammaController, GammaDecision
+from edge_agent.mqtt_link import MqttLink
+from edge_agent.speculative import GenerateOptions
+from shared.models import LoadedModel, load_model
+from shared.sampling import (
+    DEFAULT_SPARSE_K,
+    PURPOSE_DRAFT,
+    SamplingParams,
+    logits_to_probs,
+    position_uniform,
+    sparsify,
+)
+from shared.speculative import verify_draft
+from tests.tiny import make_tiny_model_dir
+
+PROMPT = [100, 3, 250, 7, 9, 11]
+GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(temperature=0.8, top_k=50, seed=13)
+NARROW = SamplingParams(temperature=0.8, top_k=16, seed=13)  # within the sparse q's K: q ≈ p
+SCHEDULE = [3, 1, 6, 2, 8, 1, 4, 5, 2, 7]
+N = 40
+
+
+class Scripted(GammaController):
+    """A controller that plays a fixed γ schedule (cycling), to replay or to vary γ on purpose."""
+
+    def __init__(self, schedule: list[int]) -> None:
+        super().__init__()
+        self.schedule = schedule
+
+    def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
+        g = self.schedule[self.rounds % len(self.schedule)]
+        return GammaDecision(g, *self.predict(g, ready=ready), "scripted")
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """``use(schedule)``: the next generations play ``schedule``."""
+
+    def use(schedule: list[int]) -> None:
+        monkeypatch.setattr(spec, "gamma_controller", lambda opts: Scripted(schedule))
+
+    return use
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("models")
+    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
+    return {
+        "draft": load_model(str(make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1))),
+        "target": load_model(str(target_dir)),
+        # a draft equal to the target accepts everything: long blocks, pipelined reuse
+        "same": load_model(str(target_dir)),
+    }
+
+
+@pytest.fixture(scope="module")
+def pair(models) -> InProcessPair:
+    return InProcessPair.from_models(models["draft"], models["target"])
+
+
+def exact_reference(
+    draft: LoadedModel,
+    target: LoadedModel,
+    prompt: list[int],
+    schedule: list[int],
+    params: SamplingParams,
+    n: int,
+) -> tuple[list[int], list[int]]:
+    """Speculative sampling (DESIGN §4) from scratch, no KV cache: rounds of γ = schedule[r]
+    drafts, judged by ``verify_draft`` with the position-keyed uniforms. Returns (tokens, γ used)."""
+    ctx, used = list(prompt), []
+    with torch.inference_mode():
+        while len(ctx) - len(prompt) < n:
+            gamma = schedule[len(used) % len(schedule)]
+            used.append(gamma)
+            xs, qs = [], []
+            for _ in range(gamma):
+                logits = draft.model(torch.tensor([ctx + xs])).logits[0, -1, : draft.vocab_size]  # [V]
+                probs = logits_to_probs(logits, params)  # [V]
+                if params.greedy:
+                    xs.append(int(probs.argmax()))
+                    qs.append(torch.nn.functional.one_hot(torch.tensor(xs[-1]), target.vocab_size).float())
+                else:
+                    dist = sparsify(probs, DEFAULT_SPARSE_K)
+                    xs.append(dist.sample(position_uniform(params.seed, len(ctx) + len(xs), PURPOSE_DRAFT)))
+                    qs.append(dist.to_dense(target.vocab_size))
+            logits = target.model(torch.tensor([ctx + xs])).logits[0, -(gamma + 1) :, : target.vocab_size]
+            p = logits_to_probs(logits, params)  # [γ+1, V]
+            pos = len(ctx)
+            n_acc, nxt = verify_draft(
+                p, torch.tensor(xs), torch.stack(qs),
+                uniform=lambda i, purpose, pos=pos: position_uniform(params.seed, pos + i, purpose),
+            )  # fmt: skip
+            ctx += [*xs[:n_acc], nxt]
+    return ctx[len(prompt) : len(prompt) + n], used
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "sequential"])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_varying_gamma_gives_the_exact_tokens(models, pair, scripted, params, pipeline) -> None:
+    scripted(SCHEDULE)
+    res = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=params, pipeline=pipeline))
+    ref, used = exact_reference(models["draft"], models["target"], PROMPT, SCHEDULE, params, N)
+    assert res.token_ids == ref[: len(res.token_ids)]
+    assert len(res.token_ids) == N or res.token_ids[-1] in models["target"].eos_token_ids
+    assert [r.gamma for r in res.rounds] == used[: len(res.rounds)]
+    assert {r.gamma_reason for r in res.rounds} == {"scripted"}
+
+
+def test_greedy_with_auto_gamma_equals_fixed_gamma(pair) -> None:
+    fixed = pair.run(PROMPT, GenerateOptions(gamma=3, max_new_tokens=N, params=GREEDY))
+    auto = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
+    assert auto.token_ids == fixed.token_ids
+    assert auto.rounds[0].gamma_reason.startswith("prior") and all(r.gamma_reason for r in auto.rounds)
+    assert {r.gamma_reason for r in fixed.rounds} == {"fixed"}
+
+
+@pytest.mark.parametrize("params", [GREEDY, NARROW], ids=["greedy", "sampled"])
+def test_auto_gamma_grows_with_a_slow_round_trip_and_stays_exact(models, scripted, params) -> None:
+    """A draft equal to the target passes every block and a verify round trip is slow: the
+    controller lengthens the blocks, pipelined drafts are reused across rounds of different γ,
+    and replaying the γ it chose without pipelining gives the same tokens."""
+    same = InProcessPair.from_models(models["same"], models["target"])
+    real_verify = same.link.verify
+
+    def slow_verify(msg):  # a far-away verifier: 60 ms a round trip
+        time.sleep(0.06)
+        return real_verify(msg)
+
+    same.link.verify = slow_verify
+    auto = same.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=60, params=params, pipeline=True))
+    gammas = [r.gamma for r in auto.rounds]
+    assert auto.accepted >= 0.9 * auto.drafted  # q is p quantized: rejections are rare
+    assert gammas[0] == 4 and max(gammas[2:]) > 4, gammas  # the prior, then longer within 2 rounds
+    assert len(set(gammas)) > 1
+    if params.greedy:  # sampled, the bonus rarely equals the draft made ahead (other uniforms)
+        assert sum(r.prefetched for r in auto.rounds) > 0
+    assert all(r.pred_tokens > 0 and r.pred_ms > 0 for r in auto.rounds[1:])
+
+    same.link.verify = real_verify
+    scripted(gammas)
+    replay = same.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=60, params=params, pipeline=False))
+    assert replay.token_ids == auto.token_ids
+    if params.greedy:
+        ref, _ = exact_reference(models["same"], models["target"], PROMPT, [4], params, 60)
+        assert auto.token_ids == ref[: len(auto.token_ids)]
+
+
+def test_auto_gamma_never_drafts_past_the_tokens_wanted(pair) -> None:
+    res = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=3, params=GREEDY))
+    assert res.rounds[0].gamma == 2  # a round yields up to γ + 1 tokens
+
+
+def test_bad_gamma_option_is_refused() -> None:
+    for bad in (0, 65, "fast", 2.5):
+        with pytest.raises(ValueError, match="gamma must be 'auto' or an integer"):
+            GenerateOptions(gamma=bad)
+    assert GenerateOptions().gamma == "auto"
+    assert GenerateOptions(gamma="5").gamma == 5
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_auto_gamma_through_a_real_broker(models, dev_broker, uid, params) -> None:
+    """Over Mosquitto and a real worker, auto γ gives the tokens of the exact algorithm on the
+    γ schedule it chose (replayed in-process, no network)."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}")
+    worker.start()
+    link = MqttLink(dev_broker.config(), device=uid, round_timeout_s=10.0, open_timeout_s=10.0)
+    link.connect()
+    agent = EdgeAgent(
+        models["draft"], link, defaults=GenerateOptions(gamma="auto", max_new_tokens=N, params=params)
+    )
+    try:
+        remote = agent.run(PROMPT)
+    finally:
+        agent.close()
+        worker.stop()
+    assert not worker.bad_messages
+    gammas = [r.gamma for r in remote.rounds]
+    assert all(r.gamma_reason for r in remote.rounds) and all(r.bytes_up > 0 for r in remote.rounds)
+    ref, _ = exact_reference(models["draft"], models["target"], PROMPT, gammas, params, N)
+    assert remote.token_ids == ref[: len(remote.token_ids)]
