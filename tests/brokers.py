@@ -79,8 +79,10 @@ def render_conf(
             line = f"listener {port} 127.0.0.1"
         if includedir is not None:
             line = line.replace("/etc/mosquitto/conf.d", str(includedir))
-        line = line.replace("/etc/mosquitto/spececd", str(confdir)).replace("/var/lib/mosquitto", str(datadir))
-        lines.append(line.replace(f"{PLUGIN_PREFIX}/", f"{confdir}/"))
+        line = line.replace("/etc/mosquitto/spececd", str(confdir)).replace(
+            f"{PLUGIN_PREFIX}/", f"{confdir}/"
+        )
+        lines.append(line.replace("/var/lib/mosquitto", str(datadir)))
     if sum(line.startswith("listener ") for line in lines) != (0 if port is None else 1):
         raise ValueError("the broker config must have exactly one `listener` line (none in a main config)")
     if os.geteuid() == 0 and main:
