@@ -1,0 +1,107 @@
+"""The production broker config works both ways broker/README.md installs it (issue 11 #7).
+
+1. Debian: ``broker/mosquitto-prod.conf`` as ``/etc/mosquitto/conf.d/spececd.conf``, included by
+   the stock ``/etc/mosquitto/mosquitto.conf`` (tests/data/debian-mosquitto.conf, verbatim), which
+   already sets pid_file, persistence, persistence_location and log_dest. Mosquitto used to exit 3
+   with "Duplicate persistence_location value".
+2. Anywhere else (the Docker image, ``mosquitto -c``): ``broker/mosquitto-main.conf`` including the
+   same snippet. The ``prod_broker`` fixture of every other broker test runs this way.
+
+The stock file's paths are moved into a temp dir and the listener gets a free port; nothing else
+changes. Each case proves the broker serves: a device's TLS login, and a worker's publish delivered.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shared.topics import down_topic
+from tests.brokers import (
+    BROKER_DIR,
+    PROD_USERS,
+    Broker,
+    Clients,
+    build_retain_guard,
+    free_port,
+    prod_missing,
+    render_conf,
+)
+from tests.brokers import _prepare_prod as prepare_prod
+
+DEBIAN_CONF = Path(__file__).parent / "data" / "debian-mosquitto.conf"
+
+pytestmark = [pytest.mark.broker, pytest.mark.skipif(prod_missing() is not None, reason=str(prod_missing()))]
+
+
+def _debian_layout(root: Path, port: int) -> Path:
+    """Debian's /etc/mosquitto tree under ``root``: the stock main config, conf.d/spececd.conf."""
+    etc, confd, spececd = root / "etc-mosquitto", root / "etc-mosquitto" / "conf.d", root / "spececd"
+    for d in (confd, root / "run", root / "lib", root / "log"):
+        d.mkdir(parents=True, exist_ok=True)
+    stock = DEBIAN_CONF.read_text()
+    for old, new in (
+        ("/run/mosquitto", root / "run"),
+        ("/var/lib/mosquitto", root / "lib"),
+        ("/var/log/mosquitto", root / "log"),
+        ("/etc/mosquitto/conf.d", confd),
+    ):
+        stock = stock.replace(old, str(new))
+    if os.geteuid() == 0:
+        stock += "user root\n"  # else it drops to `mosquitto`, which cannot read pytest's temp dirs
+    (etc / "mosquitto.conf").write_text(stock)
+    snippet = (BROKER_DIR / "mosquitto-prod.conf").read_text()
+    rendered = render_conf(snippet, port=port, confdir=spececd, datadir=root / "lib", main=False)
+    (confd / "spececd.conf").write_text(rendered)  # the README's `cp` step
+    return etc / "mosquitto.conf"
+
+
+def _serves(broker: Broker) -> None:
+    clients = Clients()
+    try:
+        dev = clients.make(broker.config("devA"))
+        dev.subscribe(down_topic("devA", "s1"))
+        clients.make(broker.config("worker1")).publish(down_topic("devA", "s1"), b"ok", wait=True)
+        assert dev.messages.get(timeout=5).payload == b"ok"
+    finally:
+        clients.close_all()
+
+
+def test_included_from_debians_stock_config(tmp_path):
+    spececd = tmp_path / "spececd"
+    prepare_prod(spececd)
+    port = free_port()
+    conf = _debian_layout(tmp_path, port)
+    broker = Broker(kind="prod", workdir=tmp_path, conf=conf, port=port, ca_file=spececd / "certs" / "ca.crt")
+    broker.users = dict(PROD_USERS)
+    broker.start()  # raises with mosquitto's log when it exits (it exited 3 before the split)
+    try:
+        _serves(broker)
+    finally:
+        broker.stop()
+    assert (tmp_path / "lib" / "mosquitto.db").exists()  # Debian's persistence is in force
+    log = (tmp_path / "log" / "mosquitto.log").read_text()
+    assert "Duplicate" not in log and "Error" not in log, log
+
+
+def test_snippet_sets_no_option_that_a_main_config_owns():
+    """Options Mosquitto refuses twice, or that Debian's main config already sets."""
+    snippet = (BROKER_DIR / "mosquitto-prod.conf").read_text()
+    owned = ("pid_file", "persistence", "persistence_location", "persistence_file", "log_dest", "user")
+    for line in snippet.splitlines():
+        assert line.split(" ", 1)[0] not in owned, line
+    main = (BROKER_DIR / "mosquitto-main.conf").read_text()
+    assert "include_dir /etc/mosquitto/conf.d" in main and "listener" not in main
+
+
+def test_retain_guard_builds_without_warnings(tmp_path):
+    """-Werror: the plugin must compile cleanly against the installed mosquitto-dev headers."""
+    so = build_retain_guard(tmp_path)
+    assert so.is_file()
+    out = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True)
+    if out.returncode == 0:
+        for symbol in ("mosquitto_plugin_version", "mosquitto_plugin_init", "mosquitto_plugin_cleanup"):
+            assert symbol in out.stdout
