@@ -52,8 +52,16 @@ def main(argv: list[str] | None = None) -> int:
             worker_id=cfg.worker_id,
             draft_name=cfg.draft,
             max_sessions=cfg.max_sessions,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_sessions=cfg.max_batch_sessions,
+            batch_window_ms=cfg.batch_window_ms,
+            max_cached_tokens=cfg.max_cached_tokens,
+            max_sessions_per_device=cfg.max_sessions_per_device,
+            max_opens_per_s_per_device=cfg.max_opens_per_s_per_device,
             metrics=metrics,
         )
+        if metrics is not None:
+            metrics.watch_broker(lambda: worker.client.connected.is_set())
         done = install_sigterm(worker)
         worker.start()
     except SpecECDError as exc:

@@ -1,16 +1,21 @@
 """``spececd-worker``: a cloud worker that owns sessions and verifies drafts over MQTT (DESIGN §2, §5).
 
-Threads: paho's network thread only decodes nothing and enqueues (``on_message`` never does model
-work); one model thread takes jobs in arrival order and runs the verifier.
+Threads: paho's network thread only enqueues (``on_message`` never does model work). One model
+thread loops: take every message that has arrived (decode, check, queue it on its session:
+``cloud_worker.scheduler``), then run ONE target forward over the next jobs of many sessions
+(``Verifier.run``), publish the answers, and go round again. It never waits for a batch to fill
+beyond ``batch_window_ms`` (default 0: take what is queued).
 
 Ownership: an ``open`` reaches one worker through the shared subscription. That worker
 subscribes to the session's ``up`` topic, waits for the SUBACK, prefills, and only then answers
-``opened``. The device is always taken from the topic (the broker's ACL authenticates it).
+``opened``. The device is always taken from the topic (the broker's ACL authenticates it), and
+sessions are keyed by (device, sid): an open from one device never touches another's session.
 
 Bad input (documented in docs/ARCHITECTURE.md, "Worker: bad input"): every malformed or
 unserviceable message is counted in ``bad_messages`` by code and answered with an ``error`` on
 the device's own ``down`` topic when the session id is known; when it is not (undecodable
 payload on ``open``), the message is dropped and counted. Stale epochs are dropped and counted.
+Evicted sessions are answered ``error{resync}`` at once, never left to the edge's deadline.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_worker.verifier import DEFAULT_MAX_SESSIONS, Verifier
+from cloud_worker.quotas import OpenRate
+from cloud_worker.scheduler import Job, Scheduler
+from cloud_worker.verifier import DEFAULT_MAX_SESSIONS, Step, Verifier, session_key
 from shared import topics
 from shared.errors import ProtocolError, SessionError
 from shared.models import LoadedModel
@@ -34,7 +41,7 @@ from shared.protocol import Close, Decode, Draft, Error, Open, Opened, Tokens, V
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
-_STOP = object()  # sentinel job: the model thread exits
+_STOP = object()  # sentinel: the model thread finishes queued work, then exits
 
 
 class _NullMetrics:
@@ -47,6 +54,7 @@ class _NullMetrics:
 @dataclass(frozen=True, slots=True)
 class _Owned:
     device: str
+    sid: str
     down: str
 
 
@@ -62,7 +70,10 @@ def same_model_name(a: str, b: str) -> bool:
 
 
 class Worker:
-    """One worker process: a target model, its sessions, and an MQTT client."""
+    """One worker process: a target model, its sessions, and an MQTT client.
+
+    ``max_batch_sessions=1`` gives the unbatched worker (one session per forward, as before
+    batching); every other knob is described in docs/ARCHITECTURE.md."""
 
     def __init__(
         self,
@@ -74,15 +85,30 @@ class Worker:
         draft_name: str = "",
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         metrics: Any = None,
+        max_batch_tokens: int = 512,
+        max_batch_sessions: int = 32,
+        batch_window_ms: float = 0.0,
+        max_cached_tokens: int = 1 << 20,
+        max_sessions_per_device: int = 0,
+        max_opens_per_s_per_device: float = 20.0,
     ) -> None:
         self.worker_id = topics.check_worker(worker_id)
-        self.verifier = Verifier(target, worker_id=worker_id, max_sessions=max_sessions)
+        self.verifier = Verifier(
+            target,
+            worker_id=worker_id,
+            max_sessions=max_sessions,
+            max_cached_tokens=max_cached_tokens,
+            max_sessions_per_device=max_sessions_per_device,
+        )
+        self.scheduler = Scheduler(max_tokens=max_batch_tokens, max_sessions=max_batch_sessions)
+        self.batch_window_s = max(0.0, batch_window_ms) / 1e3
+        self.open_rate = OpenRate(max_opens_per_s_per_device, burst=max(max_opens_per_s_per_device, 1.0))
         self.target_name = target_name or target.name
         self.draft_name = draft_name
         self.metrics = metrics or _NullMetrics()
         self.bad_messages: Counter[str] = Counter()
         self.jobs: queue.Queue[Any] = queue.Queue()
-        self.owned: OrderedDict[str, _Owned] = OrderedDict()  # sid -> where it lives
+        self.owned: OrderedDict[str, _Owned] = OrderedDict()  # session key -> where it lives
         self.max_owned = 4 * max_sessions  # evicted sessions stay subscribed a while to answer `resync`
         self.status_topic = topics.status_topic(worker_id)
         self.client: MqttClient = make_client(
@@ -93,6 +119,7 @@ class Worker:
         self._accepting = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._stopping = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -106,10 +133,11 @@ class Worker:
         self.client.subscribe(topics.OPEN_SHARED_FILTER, handler=self._enqueue)
         self._announce_online()
         log.info(
-            "worker %s online: target %s, max %d sessions",
+            "worker %s online: target %s, max %d sessions, %d per forward",
             self.worker_id,
             self.target_name,
             self.verifier.max_sessions,
+            self.scheduler.max_sessions,
         )
 
     def _announce_online(self) -> None:
@@ -128,9 +156,11 @@ class Worker:
         self.jobs.put(_STOP)
         if self._thread is not None:
             self._thread.join(drain_timeout)
-        for sid, owned in list(self.owned.items()):
-            if sid in self.verifier.sessions:
-                self._send_error(owned.down, sid, "resync", "worker shutting down: re-open the session", None)
+        for key, owned in list(self.owned.items()):
+            if key in self.verifier.sessions:
+                self._send_error(
+                    owned.down, owned.sid, "resync", "worker shutting down: re-open the session", None
+                )
         try:
             self.client.publish(self.status_topic, topics.OFFLINE, retain=True, content_type=None, wait=True)
         except Exception as exc:
@@ -143,21 +173,142 @@ class Worker:
 
     def _enqueue(self, msg: Incoming) -> None:
         self.jobs.put(msg)
-        self.metrics.set_queue_depth(self.jobs.qsize())
+        self.metrics.set_queue_depth(self.jobs.qsize() + len(self.scheduler))
 
     # -- model thread ---------------------------------------------------------------------------
 
     def _model_loop(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is _STOP:
-                return
-            self.metrics.set_queue_depth(self.jobs.qsize())
+            if not len(self.scheduler):  # idle: block for the next message
+                if self._stopping:
+                    return
+                self._intake(self.jobs.get())
+            self._drain_intake()
+            if self.batch_window_s and len(self.scheduler) and not self._stopping:
+                deadline = time.monotonic() + self.batch_window_s
+                while len(self.scheduler) < self.scheduler.max_sessions and time.monotonic() < deadline:
+                    try:
+                        self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
+            self.metrics.set_queue_depth(self.jobs.qsize() + len(self.scheduler))
             try:
-                self._handle(job)
-            except Exception:  # one bad message must never take the worker down
-                log.exception("unexpected error on %s", job.topic)
+                self._forward_once()
+            except Exception:  # one bad batch must never take the worker down
+                log.exception("unexpected error in the model loop")
                 self._count("internal")
+
+    def _drain_intake(self) -> None:
+        while True:
+            try:
+                self._intake(self.jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _intake(self, msg: Any) -> None:
+        if msg is _STOP:
+            self._stopping = True
+            return
+        try:
+            self._handle(msg)
+        except Exception:  # one bad message must never take the worker down
+            log.exception("unexpected error on %s", getattr(msg, "topic", "?"))
+            self._count("internal")
+
+    def _forward_once(self) -> None:
+        batch = self.scheduler.select(self._prepare)
+        if not batch:
+            return
+        now = time.perf_counter()
+        for job, _ in batch:  # from arrival (or the session's previous step) to this forward
+            self.metrics.queue_wait(now - job.received_at)
+        try:
+            results = self.verifier.run([step for _, step in batch])
+        except Exception as exc:  # the sessions are as they were: their edges may retry
+            log.exception("target forward over %d sessions failed", len(batch))
+            for job, _ in batch:
+                self._count("internal")
+                self._send_error(
+                    job.down,
+                    job.sid,
+                    "internal",
+                    f"target forward failed: {exc}",
+                    getattr(job.msg, "seq", None),
+                    job.incoming,
+                )
+            return
+        jobs = dict((id(step), job) for job, step in batch)
+        self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0)
+        for step, replies in results:
+            job = jobs[id(step)]
+            for reply in replies:
+                self._answered(job, reply)
+            if step.more:
+                job.step, job.received_at = step, time.perf_counter()
+                self.scheduler.push(job, front=True)
+        self._answer_evicted()
+        self.metrics.set_sessions(len(self.verifier.sessions))
+
+    def _prepare(self, job: Job) -> Step | None:
+        """Validate ``job`` (scheduler callback); answer it and return None when it needs no forward."""
+        if job.step is not None:  # a continuing decode / prefill: is its session still here?
+            if job.prefill or self.verifier.sessions.get(job.key) is job.step.sess:
+                return job.step
+            self._send_error(
+                job.down,
+                job.sid,
+                "resync",
+                "session evicted: re-open it",
+                getattr(job.msg, "seq", None),
+                job.incoming,
+            )
+            return None
+        queue_ms = (time.perf_counter() - job.received_at) * 1e3
+        try:
+            prepared = self.verifier.prepare(job.msg, device=job.device, queue_ms=queue_ms)
+        except SessionError as exc:
+            self._session_error(exc, job.down, job.sid, getattr(job.msg, "seq", None), job.incoming)
+            return None
+        if isinstance(prepared, list):  # a repeated seq, or an open with nothing to prefill
+            if isinstance(job.msg, (Draft, Decode)):
+                self.metrics.replayed()
+            for reply in prepared:
+                self._answered(job, reply, replay=isinstance(job.msg, (Draft, Decode)))
+            self._answer_evicted()
+            return None
+        job.step = prepared
+        return prepared
+
+    def _answered(self, job: Job, reply: Any, *, replay: bool = False) -> None:
+        if isinstance(reply, Error):
+            self._count(reply.code)
+        elif isinstance(reply, Opened):
+            self.metrics.session_opened()
+        elif isinstance(reply, Verdict) and not replay:
+            self.metrics.verified(len(job.msg.tok), reply.n_acc, reply.verify_ms / 1e3, reply.queue_ms / 1e3)
+        elif isinstance(reply, Tokens) and not replay:
+            self.metrics.decoded(len(reply.tok), reply.verify_ms / 1e3)
+        self._publish(job.down, reply, job.incoming)
+
+    def _answer_evicted(self) -> None:
+        """Tell every evicted session at once (its queued requests too), never by deadline."""
+        while self.verifier.evicted:
+            key, sess = self.verifier.evicted.pop(0)
+            self.metrics.evicted()
+            owned = self.owned.get(key)
+            down = owned.down if owned is not None else None
+            pending = self.scheduler.drop(key)
+            for job in pending:
+                self._send_error(
+                    job.down,
+                    job.sid,
+                    "resync",
+                    "session evicted: re-open it",
+                    getattr(job.msg, "seq", None),
+                    job.incoming,
+                )
+            if down is not None and not pending:
+                self._send_error(down, sess.sid, "resync", "session evicted to make room: re-open it", None)
 
     def _count(self, code: str) -> None:
         self.bad_messages[code] += 1
@@ -210,25 +361,26 @@ class Worker:
             detail = f"this worker serves target {self.target_name!r} for draft {self.draft_name or 'any'!r}; asked for target {req.target_model!r} with draft {req.draft_model!r}"
             self._send_error(down, req.sid, "model_mismatch", detail, None, msg)
             return
-        up = topics.up_topic(device, req.sid)
-        if req.sid not in self.owned:
-            self.client.subscribe(up, handler=self._enqueue)  # waits for the SUBACK
-        self.owned[req.sid] = _Owned(device=device, down=down)
-        self.owned.move_to_end(req.sid)
-        self._trim_owned()
-        try:
-            opened = self.verifier.open(req)
-        except SessionError as exc:
-            self._session_error(exc, down, req.sid, None, msg)
+        if not self.open_rate.allow(device):
+            self._count("overloaded")
+            self._send_error(
+                down, req.sid, "overloaded", "too many opens from this device: wait and open again", None, msg
+            )
             return
-        self.metrics.session_opened()
-        self.metrics.set_sessions(len(self.verifier.sessions))
-        self._publish(down, opened, msg)
+        key = session_key(device, req.sid)
+        if key not in self.owned:
+            self.client.subscribe(
+                topics.up_topic(device, req.sid), handler=self._enqueue
+            )  # waits for the SUBACK
+        self.owned[key] = _Owned(device=device, sid=req.sid, down=down)
+        self.owned.move_to_end(key)
+        self._trim_owned()
+        self.scheduler.push(Job(key, device, req.sid, req, down, msg, msg.received_at, prefill=True))
 
     def _handle_up(self, msg: Incoming, device: str, sid: str) -> None:
         down = topics.down_topic(device, sid)
-        owned = self.owned.get(sid)
-        if owned is None or owned.device != device:
+        key = session_key(device, sid)
+        if key not in self.owned:
             self._count("unknown_session")
             self._send_error(down, sid, "resync", "this worker does not own the session: open it", None, msg)
             return
@@ -241,38 +393,22 @@ class Worker:
                 down, sid, "bad_message", "the message's sid differs from its topic's", None, msg
             )
             return
-        queue_ms = (time.perf_counter() - msg.received_at) * 1e3
-        try:
-            if isinstance(req, Draft):
-                replayed = req.seq == getattr(self.verifier.sessions.get(sid), "last_seq", None)
-                verdict = self.verifier.verify(req, queue_ms=queue_ms)
-                if replayed:
-                    self.metrics.replayed()
-                else:
-                    self.metrics.verified(
-                        len(req.tok), verdict.n_acc, verdict.verify_ms / 1e3, queue_ms / 1e3
-                    )
-                self._publish(down, verdict, msg)
-            elif isinstance(req, Decode):
-                self.verifier.decode(req, lambda part: self._publish_part(down, part, msg), queue_ms=queue_ms)
-            elif isinstance(req, Close):
-                self.verifier.close(req.sid, req.epoch)
-                self._forget(sid)
-                self.metrics.session_closed()
-            else:
-                self._count("bad_message")
-                self._send_error(
-                    down, sid, "bad_message", f"unexpected {type(req).__name__} on up", None, msg
-                )
-        except SessionError as exc:
-            self._session_error(exc, down, sid, getattr(req, "seq", None), msg)
-        self.metrics.set_sessions(len(self.verifier.sessions))
+        if isinstance(req, (Draft, Decode)):
+            self.scheduler.push(Job(key, device, sid, req, down, msg, msg.received_at))
+        elif isinstance(req, Close):
+            self.verifier.close(req.sid, req.epoch, device=device)
+            if key not in self.verifier.sessions:
+                self.scheduler.drop(key)
+                self._forget(key)
+            self.metrics.session_closed()
+            self.metrics.set_sessions(len(self.verifier.sessions))
+        else:
+            self._count("bad_message")
+            self._send_error(down, sid, "bad_message", f"unexpected {type(req).__name__} on up", None, msg)
 
-    def _publish_part(self, down: str, part: Tokens, msg: Incoming) -> None:
-        self.metrics.decoded(len(part.tok), part.verify_ms / 1e3)
-        self._publish(down, part, msg)
-
-    def _session_error(self, exc: SessionError, down: str, sid: str, seq: int | None, msg: Incoming) -> None:
+    def _session_error(
+        self, exc: SessionError, down: str, sid: str, seq: int | None, msg: Incoming | None
+    ) -> None:
         self._count(exc.code)
         if exc.code == "stale_epoch":
             return  # documented drop: a newer epoch of the session exists, nobody waits for this
@@ -290,16 +426,31 @@ class Worker:
         except Exception as exc:  # broker down: the edge's deadline and retry cover the loss
             log.warning("could not publish %s to %s: %s", type(reply).__name__, down, exc)
 
-    def _forget(self, sid: str) -> None:
-        owned = self.owned.pop(sid, None)
+    def _forget(self, key: str) -> None:
+        owned = self.owned.pop(key, None)
         if owned is not None:
-            self._unsubscribe_quietly(topics.up_topic(owned.device, sid))
+            self._unsubscribe_quietly(topics.up_topic(owned.device, owned.sid))
 
     def _trim_owned(self) -> None:
         while len(self.owned) > self.max_owned:
-            sid, owned = self.owned.popitem(last=False)
-            self.verifier.evict(sid)
-            self._unsubscribe_quietly(topics.up_topic(owned.device, sid))
+            key, owned = self.owned.popitem(last=False)
+            pending = self.scheduler.drop(key)
+            for job in pending:
+                self._send_error(
+                    job.down,
+                    job.sid,
+                    "resync",
+                    "session evicted: re-open it",
+                    getattr(job.msg, "seq", None),
+                    job.incoming,
+                )
+            if self.verifier.evict(key):
+                self.metrics.evicted()
+                if not pending:
+                    self._send_error(
+                        owned.down, owned.sid, "resync", "session evicted to make room: re-open it", None
+                    )
+            self._unsubscribe_quietly(topics.up_topic(owned.device, owned.sid))
 
     def _unsubscribe_quietly(self, topic: str) -> None:
         try:

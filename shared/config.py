@@ -99,7 +99,7 @@ class EdgeConfig:
     target: str
     model_device: str
     dtype: str
-    gamma: int
+    gamma: int | str  # 1..64 or "auto"
     pipeline: bool
     max_new_tokens: int
     temperature: float
@@ -142,6 +142,12 @@ class WorkerConfig:
     dtype: str
     max_sessions: int
     metrics_listen: HostPort | None
+    max_batch_tokens: int = 512
+    max_batch_sessions: int = 32
+    batch_window_ms: float = 0.0
+    max_cached_tokens: int = 1 << 20
+    max_sessions_per_device: int = 0
+    max_opens_per_s_per_device: float = 20.0
     log_level: str
     log_json: bool
     cache: str | None
@@ -413,6 +419,8 @@ def load_worker_config(
         worker_id=values["worker_id"] or values["username"] or default_name(),
         max_sessions=values["max_sessions"],
         metrics_listen=_hostport_of(values["metrics_listen"]),
+        **{k: values[k] for k in ("max_batch_tokens", "max_batch_sessions", "batch_window_ms", "max_cached_tokens",
+                                  "max_sessions_per_device", "max_opens_per_s_per_device")},  # fmt: skip
     )
 
 

@@ -223,7 +223,24 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _MODEL_DEVICE = _str(r"auto|cpu|mps|cuda(:\d+)?", "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
 MAX_GAMMA = 64  # shared.protocol.MAX_GAMMA: the most draft tokens one round carries
-_GAMMA = _int(1, MAX_GAMMA)
+
+
+def _int_or_auto(lo: int, hi: int) -> Parser:
+    ints = _int(lo, hi)
+    allowed = f"'auto' or {ints.allowed}"  # type: ignore[attr-defined]
+
+    def parse(v: Any, text: bool) -> int | str:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            return ints(v, text)
+        except BadValue:
+            raise BadValue(allowed) from None
+
+    return _described(parse, allowed)
+
+
+_GAMMA = _int_or_auto(1, MAX_GAMMA)  # "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
 DEFAULT_MAX_SESSIONS = 64  # the worker's sessions kept; cloud_worker and the bench use this one
 MAX_BODY_BYTES = 1 << 20
 KEYS: dict[str, _Key] = {
@@ -286,7 +303,7 @@ KEYS: dict[str, _Key] = {
         ),
         _Key("model_device", _BOTH, _MODEL_DEVICE, "auto", "torch device of the model"),
         _Key("dtype", _BOTH, _choice(*_DTYPES), "auto", "model dtype"),
-        _Key("gamma", _E, _GAMMA, 4, "draft tokens per round"),
+        _Key("gamma", _E, _GAMMA, "auto", "draft tokens per round, or 'auto': chosen each round"),
         _Key("pipeline", _E, _bool, True, "draft the next block while the current one is verified"),
         _Key("max_new_tokens", _E, _int(1, 1_000_000), 256, "default generation length"),
         _Key("temperature", _E, _float(0.0, 100.0), 0.0, "sampling temperature (0 = greedy)"),
@@ -322,6 +339,18 @@ KEYS: dict[str, _Key] = {
         ),
         _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
         _Key("max_sessions", _W, _int(1, 1_000_000), DEFAULT_MAX_SESSIONS, "sessions kept (LRU beyond)"),
+        _Key("max_batch_tokens", _W, _int(1, 1_000_000), 512, "padded positions per target forward"),
+        _Key("max_batch_sessions", _W, _int(1, 4096), 32, "sessions per target forward (1 = unbatched)"),
+        _Key("batch_window_ms", _W, _float(0.0, 10_000.0), 0.0, "wait for a batch to fill (0 = take what is queued)"),
+        _Key("max_cached_tokens", _W, _int(1, 1 << 40), 1 << 20, "KV-cached tokens over all sessions (LRU beyond)"),
+        _Key(
+            "max_sessions_per_device",
+            _W,
+            _int(0, 1_000_000),
+            0,
+            "sessions one device may hold (0 = only max_sessions; the device holding most is evicted first)",
+        ),
+        _Key("max_opens_per_s_per_device", _W, _float(0.0, 1e6), 20.0, "opens per second per device (0 = off)"),
         _Key("metrics_listen", _W, _hostport(listen=True), None, "Prometheus HOST:PORT (unset = off)"),
         _Key("log_level", _BOTH, _choice(*_LEVELS, fold=True), "info", "log level"),
         _Key("log_json", _BOTH, _bool, False, "log one JSON object per line"),

@@ -19,6 +19,11 @@ def _cache_kwarg(model_cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def forward_kwargs(model_cls: type, kv: DynamicCache) -> dict:
+    """The keyword that passes ``kv`` to ``model_cls.forward`` in this transformers release."""
+    return {_cache_kwarg(model_cls): kv}
+
+
 def forward_cached(model, tokens: list[int], kv: DynamicCache) -> torch.Tensor:
     """Feed ``tokens`` after what ``kv`` holds (the cache grows in place); return logits [k, V]."""
     ids = torch.tensor([tokens], dtype=torch.long, device=model.device)  # [1, k]

@@ -23,11 +23,17 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
+
+# A `_created` series per counter and histogram doubles the series count and no dashboard uses
+# them (process-wide switch of prometheus_client; SpecECD's processes have no other metrics).
+disable_created_metrics()
 
 __all__ = ["CONTENT_TYPE_LATEST", "MAX_POSITION", "EdgeMetrics", "WorkerMetrics"]
 
@@ -37,7 +43,41 @@ _CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 # Round trips over MQTT take milliseconds to a second; model work on a CPU can take seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # sessions per forward
+POSITION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # positions per forward
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def _build_info(name: str, registry: CollectorRegistry) -> Info:
+    """``<name>_info{version, python} 1``: which build is running (join it onto other series)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("spececd")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    info = Info(name, "The SpecECD version and Python of this process.", registry=registry)
+    info.info({"version": ver, "python": platform.python_version()})
+    return info
+
+
+def _broker_gauge(name: str, registry: CollectorRegistry) -> Gauge:
+    gauge = Gauge(name, "1 while the MQTT connection to the broker is up, else 0.", registry=registry)
+    gauge.set(0)
+    return gauge
+
+
+def _watch(gauge: Gauge, connected: Any) -> None:
+    """Make ``gauge`` read ``connected()`` at each scrape (0 when it raises)."""
+
+    def read() -> float:
+        try:
+            return 1.0 if connected() else 0.0
+        except Exception:
+            return 0.0
+
+    gauge.set_function(read)
 
 
 def _own_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
@@ -102,6 +142,27 @@ class WorkerMetrics:
         self.replays = Counter(p + "replays", "Duplicate requests answered from the reply cache.", registry=r)
         self.evictions = Counter(p + "evictions", "Sessions evicted (LRU bound or idle).", registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for the model now.", registry=r)
+        self.forward_sessions = Histogram(
+            p + "forward_sessions", "Sessions in one target forward.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.forward_positions = Histogram(
+            p + "forward_positions",
+            "Positions (tokens fed) in one target forward.",
+            buckets=POSITION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            p + "queue_wait_seconds",
+            "Wait of a request (or of a decode's next step) from arrival to its forward.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.build = _build_info(p + "build", r)
+        self.broker_connected = _broker_gauge(p + "broker_connected", r)
+
+    def watch_broker(self, connected: Any) -> None:
+        """Read ``spececd_worker_broker_connected`` from ``connected()`` at each scrape."""
+        _watch(self.broker_connected, connected)
 
     def session_opened(self) -> None:
         """A session was opened or re-opened (a new epoch) on this worker."""
@@ -139,6 +200,15 @@ class WorkerMetrics:
     def evicted(self) -> None:
         """A session's KV cache was evicted."""
         self.evictions.inc()
+
+    def forward(self, sessions: int, positions: int) -> None:
+        """One target forward over ``sessions`` sessions and ``positions`` tokens fed."""
+        self.forward_sessions.observe(sessions)
+        self.forward_positions.observe(positions)
+
+    def queue_wait(self, seconds: float) -> None:
+        """A request (or a decode's next step) waited ``seconds`` for its forward."""
+        self.queue_wait_seconds.observe(seconds)
 
     def set_queue_depth(self, n: int) -> None:
         """Requests waiting for the model now."""
@@ -231,12 +301,22 @@ class EdgeMetrics:
             self.tokens.labels(source=source)
         for direction in ("up", "down"):
             self.link_bytes.labels(direction=direction)
+        self.build = _build_info(p + "build", r)
+        self.broker_connected = _broker_gauge(p + "broker_connected", r)
 
     def attach(self, agent: Any) -> EdgeMetrics:
-        """Observe every round and every finished generation of ``agent`` (an ``EdgeAgent``)."""
+        """Observe every round and every finished generation of ``agent`` (an ``EdgeAgent``), and
+        its link's broker connection (``link.broker_connected()``, else its client's ``connected``)."""
         agent.round_observers.append(self.observe_round)
         agent.result_observers.append(self.observe_result)
+        link = getattr(agent, "link", None)
+        if link is not None:
+            self.watch_broker(lambda: _link_connected(link))
         return self
+
+    def watch_broker(self, connected: Any) -> None:
+        """Read ``spececd_edge_broker_connected`` from ``connected()`` at each scrape."""
+        _watch(self.broker_connected, connected)
 
     def observe_round(self, stats: Any) -> None:
         """Count one ``RoundStats`` (a speculative round, or a cloud-only decode part when γ = 0)."""
@@ -276,3 +356,18 @@ class EdgeMetrics:
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _link_connected(link: Any) -> bool:
+    """Whether an edge link is connected to its broker. An in-process link (no broker) counts
+    as connected."""
+    probe = getattr(link, "broker_connected", None)
+    if callable(probe):
+        return bool(probe())
+    client = getattr(link, "client", None)
+    if client is None:
+        return True  # an in-process link: no broker to lose
+    connected = getattr(client, "connected", None)
+    if hasattr(connected, "is_set"):
+        return connected.is_set()
+    return bool(connected() if callable(connected) else connected)

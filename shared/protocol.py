@@ -10,7 +10,8 @@ Wire format: one definite-length CBOR map per payload with short text keys, ``"v
 typed arrays, tag 70 (uint32 little-endian); q weights as tag 69 (uint16 little-endian).
 ``Verdict`` and ``Tokens`` carry their timings in a nested ``"timings"`` map
 (``verify_ms``, ``queue_ms``); ``sampling`` is a nested map (``temperature``, ``top_k``,
-``top_p``, ``seed``). Optional fields (``Draft.q``, ``Error.seq``, ``Error.epoch``) are left
+``top_p``, ``seed``). Optional fields (``Draft.q``, ``Error.seq``, ``Error.epoch``, ``batch`` and
+``batch_pos`` of ``Verdict`` / ``Tokens``) are left
 out of the map when ``None``, never sent as null. Encoding is canonical (sorted keys, shortest
 floats), so equal messages give equal bytes.
 
@@ -44,7 +45,7 @@ COUNT_LIMIT: Final = 2**31  # epoch, seq, pos, n, max_new, part, n_acc: [0, COUN
 MAX_NAME_CHARS: Final = 1024  # model names (hub ids, paths)
 MAX_DETAIL_CHARS: Final = 4096
 ERROR_CODES: Final = frozenset(
-    {"bad_message", "resync", "overloaded", "model_mismatch", "stale_epoch", "internal"}
+    {"bad_message", "resync", "overloaded", "model_mismatch", "stale_epoch", "internal", "limit"}
 )
 MODES: Final = frozenset({"speculative", "cloud"})
 
@@ -109,6 +110,12 @@ def _ids(obj: object, field: str, *, min_len: int, max_len: int | None = None) -
         raise ProtocolError(field, f"length must be in [{min_len}, {max_len or 'inf'}], got {len(x)}")
     if type(x) is not tuple:
         object.__setattr__(obj, field, tuple(x))
+
+
+def _batch_fields(obj: object) -> None:
+    for field in ("batch", "batch_pos"):
+        if getattr(obj, field) is not None:
+            _count(field, getattr(obj, field))
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -197,6 +204,8 @@ class Verdict:
     """owner → edge: keep ``n_acc`` draft tokens, then ``next`` (the correction or bonus token).
 
     ``alpha`` holds the theoretical acceptance Σ min(p, q) of each judged position (may be empty).
+    ``batch`` / ``batch_pos``: the sessions and positions of the target forward this verdict came
+    from (optional: None when the worker does not say; left off the wire then).
     """
 
     T: ClassVar[str] = "verdict"
@@ -209,8 +218,11 @@ class Verdict:
     verify_ms: float
     queue_ms: float
     alpha: tuple[float, ...] = ()
+    batch: int | None = None
+    batch_pos: int | None = None
 
     def __post_init__(self) -> None:
+        _batch_fields(self)
         _sid("sid", self.sid)
         _counts(self, "epoch", "seq")
         _count("n_acc", self.n_acc, limit=MAX_GAMMA + 1)
@@ -257,8 +269,11 @@ class Tokens:
     eos: bool
     verify_ms: float
     queue_ms: float
+    batch: int | None = None  # as in Verdict
+    batch_pos: int | None = None
 
     def __post_init__(self) -> None:
+        _batch_fields(self)
         _sid("sid", self.sid)
         _counts(self, "epoch", "seq", "part")
         _ids(self, "tok", min_len=0)
@@ -315,15 +330,16 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
     Opened: {"sid": _S, "epoch": _U, "worker": _S, "pos": _U},
     Draft: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "tok": _IDS, "q": "q"},
     Verdict: {"sid": _S, "epoch": _U, "seq": _U, "n_acc": _U, "next": _U, "eos": _B,
-              "timings": "timings", "alpha": "floats"},
+              "timings": "timings", "alpha": "floats", "batch": _U, "batch_pos": _U},
     Decode: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "n": _U},
     Tokens: {"sid": _S, "epoch": _U, "seq": _U, "part": _U, "tok": _IDS, "done": _B, "eos": _B,
-             "timings": "timings"},
+             "timings": "timings", "batch": _U, "batch_pos": _U},
     Close: {"sid": _S, "epoch": _U},
     Error: {"sid": _S, "code": _S, "detail": _S, "seq": _U, "epoch": _U},
 }  # fmt: skip
 _PLAIN: Final[dict[str, type]] = {_S: str, _U: int, _B: bool}
-_OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch")})  # omitted when None
+_OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch"), (Verdict, "batch"),
+                              (Verdict, "batch_pos"), (Tokens, "batch"), (Tokens, "batch_pos")})  # omitted when None
 _BY_T: Final[dict[str, type]] = {cls.T: cls for cls in _SCHEMA}
 _SAMPLING_KEYS: Final = ("temperature", "top_k", "top_p", "seed")
 _TIMING_KEYS: Final = ("verify_ms", "queue_ms")

@@ -113,7 +113,7 @@ def test_oversized_payload_gets_bad_message(rig) -> None:
 def test_evicted_session_gets_resync(rig) -> None:
     worker, raw, dev = rig
     open_session(raw, dev, "s4")
-    worker.verifier.evict("s4")
+    worker.verifier.evict(f"{dev}/s4")  # sessions are keyed by (device, sid)
     raw.publish(topics.up_topic(dev, "s4"), encode(draft("s4")))
     (err,) = replies(raw)
     assert err.code == "resync" and err.seq == 0
@@ -138,7 +138,7 @@ def test_repeated_seq_is_answered_from_memory(rig) -> None:
     raw.publish(topics.up_topic(dev, "s6"), payload)
     (second,) = replies(raw)
     assert isinstance(first, Verdict) and second == first  # same verify_ms: not verified twice
-    assert len(worker.verifier.sessions["s6"].tokens) == 3 + first.n_acc + 1
+    assert len(worker.verifier.sessions[f"{dev}/s6"].tokens) == 3 + first.n_acc + 1
 
 
 def test_sid_in_payload_must_match_topic(rig) -> None:

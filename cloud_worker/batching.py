@@ -1,0 +1,112 @@
+"""One target forward over the new tokens of many sessions, each with its own KV cache.
+
+Strategy (docs/ARCHITECTURE.md, "Worker: batched verification"): pad and stack. Row ``i`` of the
+batch holds session ``i``'s cached keys/values left-padded to the longest cache ``P`` and its
+``k_i`` new tokens right-padded to the longest ``K``; a 2-D attention mask hides the padding and
+per-row position ids continue each session's own positions. After the forward each session gets
+back its own cache (its rows sliced out and copied), so rollback (``crop``) stays per session.
+A single row runs unpadded on the session's own cache: exactly the unbatched path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from shared.kvcache import forward_cached, forward_kwargs
+
+
+@dataclass
+class Row:
+    """One session's part of a forward: its cache (``cache_len`` positions) and new tokens."""
+
+    cache: DynamicCache
+    cache_len: int
+    tokens: list[int]
+
+
+def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer (keys, values) of a cache, each ``[1, H, L, D]`` (empty list when empty)."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [
+            (lay.keys, lay.values)
+            for lay in cache.layers
+            if getattr(lay, "keys", None) is not None and lay.keys.numel()
+        ]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # pragma: no cover - older releases
+
+
+def cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A fresh DynamicCache holding ``kv`` (per layer keys/values ``[B, H, L, D]``)."""
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k, v, layer)
+    return cache
+
+
+@torch.inference_mode()
+def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
+    """Run ONE forward over every row's new tokens; return each row's logits ``[k_i, V]`` (float32, CPU).
+
+    Each row's cache is replaced by one holding its old positions plus its new tokens (its
+    ``cache_len`` grows by ``k_i``), exactly as ``forward_cached`` would leave it.
+    """
+    if len(rows) == 1:  # unpadded: the unbatched path, bit for bit
+        row = rows[0]
+        logits = forward_cached(model, row.tokens, row.cache)[:, :vocab_size]  # [k, V]
+        row.cache_len += len(row.tokens)
+        return [logits.float().cpu()]
+    dev = model.device
+    b = len(rows)
+    p = max(r.cache_len for r in rows)  # padded cache length
+    k = max(len(r.tokens) for r in rows)  # padded new tokens
+    ids = torch.zeros((b, k), dtype=torch.long)  # [B, K]
+    mask = torch.zeros((b, p + k), dtype=torch.long)  # [B, P+K]
+    pos = torch.zeros((b, k), dtype=torch.long)  # [B, K]
+    for i, r in enumerate(rows):
+        n = len(r.tokens)
+        ids[i, :n] = torch.tensor(r.tokens, dtype=torch.long)
+        mask[i, p - r.cache_len : p + n] = 1
+        # padding queries continue the row's positions: they attend to real keys only, so no row is all -inf
+        pos[i] = torch.arange(r.cache_len, r.cache_len + k)
+    kvs = [layer_kv(r.cache) for r in rows]
+    template = next((kv for kv in kvs if kv), None)
+    past = DynamicCache()
+    if template is not None and p > 0:
+        stacked = []
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros((b, k0.shape[1], p, k0.shape[3]))  # [B, H, P, D]
+            values = v0.new_zeros((b, v0.shape[1], p, v0.shape[3]))  # [B, H, P, D]
+            for i, (r, kv) in enumerate(zip(rows, kvs, strict=True)):
+                if r.cache_len:
+                    keys[i, :, p - r.cache_len :] = kv[layer][0][0, :, : r.cache_len]
+                    values[i, :, p - r.cache_len :] = kv[layer][1][0, :, : r.cache_len]
+            stacked.append((keys, values))
+        past = cache_of(stacked)
+    out = model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=pos.to(dev),
+        use_cache=True,
+        **forward_kwargs(type(model), past),
+    )
+    logits = out.logits[:, :, :vocab_size].float().cpu()  # [B, K, V]
+    grown = layer_kv(past)
+    result = []
+    for i, r in enumerate(rows):
+        n = len(r.tokens)
+        # this row's real positions: its own cache (left-padded) then its n new tokens
+        r.cache = cache_of(
+            [
+                (
+                    kk[i : i + 1, :, p - r.cache_len : p + n].clone(),
+                    vv[i : i + 1, :, p - r.cache_len : p + n].clone(),
+                )
+                for kk, vv in grown
+            ]
+        )
+        r.cache_len += n
+        result.append(logits[i, :n])
+    return result

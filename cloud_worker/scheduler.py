@@ -1,0 +1,145 @@
+"""Which queued requests share the next target forward (issue 9; docs/ARCHITECTURE.md, "Worker:
+batched verification").
+
+Every session has its own FIFO of jobs (opens, drafts, decodes). A forward takes at most ONE job
+per session, so a session's requests keep their order and a decode of n tokens is n forwards,
+interleaved with everyone else's work. Sessions with work wait in their device's turn order, and
+devices in the worker's turn order: a round takes one session from each device in turn, then
+goes round again, until the forward is full. Devices and sessions served go to the back; one
+that did not fit stays at the front, so it comes first next time. One device's sessions thus
+cannot take the whole batch while another device waits.
+
+Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
+row: what a padded forward costs). The first row is always taken; an open's prefill is cut to
+fit (the rest is its next step).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cloud_worker.verifier import Step
+
+
+@dataclass
+class Job:
+    """One request of one session, and, once validated, the step it runs as."""
+
+    key: str
+    device: str
+    sid: str
+    msg: Any  # Open | Draft | Decode
+    down: str
+    incoming: Any  # the MQTT message (correlation data), or None
+    received_at: float  # time.perf_counter() when it arrived
+    step: Step | None = None
+    prefill: bool = False
+
+
+class Scheduler:
+    """Per-session queues served round-robin by device (one job per session per forward)."""
+
+    def __init__(self, *, max_tokens: int = 512, max_sessions: int = 32) -> None:
+        if max_tokens < 1 or max_sessions < 1:
+            raise ValueError("max_tokens and max_sessions must be >= 1")
+        self.max_tokens = max_tokens
+        self.max_sessions = max_sessions
+        self.queues: dict[str, deque[Job]] = {}
+        self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def push(self, job: Job, *, front: bool = False) -> None:
+        """Queue ``job`` behind its session's others (``front``: a continuing step, before them)."""
+        q = self.queues.get(job.key)
+        if q is None:
+            q = self.queues[job.key] = deque()
+            self.devices.setdefault(job.device, deque()).append(job.key)
+        if front:
+            q.appendleft(job)
+        else:
+            q.append(job)
+
+    def drop(self, key: str) -> list[Job]:
+        """Remove and return every queued job of session ``key``."""
+        q = self.queues.pop(key, None)
+        if q is None:
+            return []
+        device = q[0].device
+        turn = self.devices.get(device)
+        if turn is not None:
+            turn.remove(key)
+            if not turn:
+                del self.devices[device]
+        return list(q)
+
+    def _pop(self, key: str) -> Job:
+        q = self.queues[key]
+        job = q.popleft()
+        if not q:
+            del self.queues[key]
+            turn = self.devices[job.device]
+            turn.remove(key)
+            if not turn:
+                del self.devices[job.device]
+        return job
+
+    def select(self, prepare: Callable[[Job], Step | None]) -> list[tuple[Job, Step]]:
+        """Take the jobs of the next forward. ``prepare(job)`` validates a job and returns its
+        step, or answers it and returns None (then the session's next job is considered)."""
+        batch: list[tuple[Job, Step]] = []
+        width = 0  # the longest row so far
+        taken: set[str] = set()
+        served: list[str] = []
+        progress = True
+        while progress and len(batch) < self.max_sessions:
+            progress = False
+            for device in list(self.devices):
+                if len(batch) >= self.max_sessions:
+                    break
+                turn = self.devices.get(device)
+                key = next((k for k in turn if k not in taken), None) if turn else None
+                if key is None:
+                    continue
+                step = None
+                while step is None and key in self.queues:
+                    job = self.queues[key][0]
+                    step = prepare(job)
+                    if step is None:
+                        self._pop(key)  # answered without a forward (error or replay)
+                if step is None:
+                    progress = True
+                    continue
+                k = self._fit(job, step, len(batch), width)
+                taken.add(key)
+                if k is None:
+                    continue  # does not fit: first in line next time
+                self._pop(key)
+                batch.append((job, step))
+                width = max(width, k)
+                served.append(key)
+                progress = True
+        for key in served:  # served devices and sessions go to the back of their turn orders
+            device = key.rpartition("/")[0]
+            if device in self.devices:
+                self.devices.move_to_end(device)
+                turn = self.devices[device]
+                if key in turn:
+                    turn.remove(key)
+                    turn.append(key)
+        return batch
+
+    def _fit(self, job: Job, step: Step, rows: int, width: int) -> int | None:
+        """The row length ``step`` runs with in this forward, or None when it does not fit."""
+        k = len(step.row.tokens)
+        room = self.max_tokens if rows == 0 else self.max_tokens // (rows + 1)
+        if job.prefill and k > room and room >= max(width, 1):
+            del step.row.tokens[room:]  # a prefill chunk: the rest is the next step
+            k = room
+        if rows and (rows + 1) * max(width, k) > self.max_tokens:
+            return None
+        return k
