@@ -54,11 +54,12 @@ def test_broker_connected_follows_the_connection(dev_broker, uid) -> None:
     metrics = EdgeMetrics()
 
     class Agent:  # what attach() reads of an EdgeAgent
-        round_observers: list = []
-        result_observers: list = []
+        def __init__(self) -> None:
+            self.round_observers: list = []
+            self.result_observers: list = []
+            self.link = link
 
     agent = Agent()
-    agent.link = link
     metrics.attach(agent)
     key = ("spececd_edge_broker_connected", ())
     assert samples(metrics.render())[key] == 0
