@@ -49,6 +49,8 @@ def sample(key: str, tmp_path: Path) -> tuple[object, str]:
         return "127.0.0.1:9999", "127.0.0.1:9999"
     if key == "model_device":
         return "cpu", "cpu"
+    if key == "gamma":  # an integer or "auto"
+        return 5, "5"
     if isinstance(spec.default, bool):
         raise AssertionError(key)
     if isinstance(spec.default, int):
