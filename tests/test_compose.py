@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from shared.config import keys_for
-from tests.brokers import mosquitto_missing, render_conf
+from tests.brokers import build_retain_guard, mosquitto_missing, prod_missing, render_conf
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra: pip install -e .[dev]")
 
@@ -76,11 +76,14 @@ def test_real_compose_accepts_the_file(tmp_path):
 def test_broker_service_runs_the_projects_production_config(compose):
     services = compose["services"]
     broker = services["mosquitto"]
-    assert broker["image"] == "eclipse-mosquitto:2"
+    assert broker["build"]["dockerfile"] == "deploy/docker/Dockerfile.mosquitto"  # + the retain guard
+    assert (DOCKER / broker["build"]["context"] / broker["build"]["dockerfile"]).is_file()
     conf_mount = next(v for v in broker["volumes"] if v.endswith(":/mosquitto/config/mosquitto.conf:ro"))
-    assert (DOCKER / conf_mount.split(":")[0]).resolve() == REPO / "broker" / "mosquitto-prod.conf"
+    assert (DOCKER / conf_mount.split(":")[0]).resolve() == REPO / "broker" / "mosquitto-main.conf"
+    snippet = next(v for v in broker["volumes"] if v.endswith(":/etc/mosquitto/conf.d/spececd.conf:ro"))
+    assert (DOCKER / snippet.split(":")[0]).resolve() == REPO / "broker" / "mosquitto-prod.conf"
     prod = (REPO / "broker" / "mosquitto-prod.conf").read_text()
-    for path in re.findall(r"^(?:certfile|keyfile|cafile|password_file|acl_file) (\S+)", prod, re.M):
+    for path in re.findall(r"^(?:certfile|keyfile|cafile|plugin_opt_config_file) (\S+)", prod, re.M):
         assert path.startswith("/etc/mosquitto/spececd/"), path  # all served by the broker-etc volume
     assert "broker-etc:/etc/mosquitto/spececd:ro" in broker["volumes"]
     assert "use_username_as_clientid true" in prod
@@ -163,7 +166,7 @@ def run_setup(tmp_path: Path, *args: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+@pytest.mark.skipif(prod_missing() is not None, reason=str(prod_missing()))
 def test_setup_files_serve_the_prod_broker_and_its_healthcheck_passes(tmp_path, compose):
     broker_dir, secrets = run_setup(tmp_path)
     run_setup(tmp_path, "device", "kitchen-01")
@@ -175,6 +178,7 @@ def test_setup_files_serve_the_prod_broker_and_its_healthcheck_passes(tmp_path, 
     conf = tmp_path / "mosquitto.conf"
     port = free_port()
     prod = (REPO / "broker" / "mosquitto-prod.conf").read_text()
+    build_retain_guard(broker_dir)  # the image builds it (Dockerfile.mosquitto); here, the host
     conf.write_text(render_conf(prod, port=port, confdir=broker_dir, datadir=data))
     broker = Broker(kind="prod", workdir=tmp_path, conf=conf, port=port)
     broker.start()

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Prepares what deploy/docker/compose.yaml mounts: a CA and the broker's certificate, the
-# broker's passwd and acl, and one password secret per MQTT user. Uses broker/*.sh.
+# broker's dynamic-security.json (users and roles), and one password secret per MQTT user.
+# Uses broker/*.sh.
 #
 #   ./setup.sh                 first time: CA + server cert (for "mosquitto" and localhost),
 #                              users worker1 worker2 healthcheck, secrets/hf_token (empty)
 #   ./setup.sh worker NAME     add a worker (then add a service block for it in compose.yaml)
 #   ./setup.sh device NAME     add an edge device; prints where its password is
+#   ./setup.sh monitor NAME    add a read-only operator user (mosquitto_sub, spececd-tap)
 #
-# Needs openssl and mosquitto_passwd (Debian: apt-get install openssl mosquitto) on this host.
+# Needs openssl and python3 on this host.
 # Reload the broker afterwards: docker compose up -d broker-init && docker compose restart mosquitto
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,13 +46,16 @@ case "${1:-init}" in
             : > "$SECRETS/hf_token"
             echo "put a Hugging Face token in $SECRETS/hf_token for gated hub models (or leave it empty)"
         fi
+        # compose bind-mounts file secrets with the host's owner and mode (its uid/gid/mode
+        # fields do not apply to them): the worker's uid must be able to read the token
+        if [[ $EUID -eq 0 ]]; then chgrp "$WORKER_UID" "$SECRETS/hf_token"; chmod 0640 "$SECRETS/hf_token"; fi
         ;;
-    worker | device)
+    worker | device | monitor)
         [[ $# -eq 2 ]] || { echo "usage: $0 $1 NAME" >&2; exit 2; }
         add_user "$1" "$2"
         ;;
     *)
-        echo "usage: $0 [init | worker NAME | device NAME]" >&2
+        echo "usage: $0 [init | worker NAME | device NAME | monitor NAME]" >&2
         exit 2
         ;;
 esac
