@@ -37,6 +37,7 @@ FILE_CASES = [
     ("edge", "gamma", "65", "from 1 to 64"),
     ("edge", "gamma", '"4"', "an integer"),  # TOML is typed: no strings for numbers
     ("edge", "gamma", "4.5", "an integer"),
+    ("edge", "gamma", '"fast"', "'auto' or an integer"),
     ("edge", "temperature", "-0.5", "[0.0, 100.0]"),
     ("edge", "top_p", "0.0", "(0.0, 1.0]"),
     ("edge", "top_p", "1.5", "(0.0, 1.0]"),
@@ -156,7 +157,7 @@ def test_unknown_override_key_is_an_error():
 def test_unknown_env_variable_is_warned_not_fatal(caplog):
     with caplog.at_level(logging.WARNING, logger="shared.config"):
         cfg = load("edge", env={"SPECECD_GAMA": "9"})
-    assert cfg.gamma == 4
+    assert cfg.gamma == "auto"
     assert "SPECECD_GAMA" in caplog.text and "SPECECD_GAMMA" in caplog.text
 
 
@@ -172,7 +173,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     path = write(tmp_path, "gamma = 5\nseed = 11\n")
     env = {"SPECECD_GAMMA": "6"}
-    assert load("edge").gamma == 4
+    assert load("edge").gamma == "auto"
     assert load("edge", path).gamma == 5
     assert load("edge", path, env).gamma == 6
     cfg = load("edge", path, env, gamma="7")
