@@ -161,3 +161,42 @@ def test_plain_mqtt_to_the_tls_listener_fails_clearly(prod_broker, mqtt_clients)
     with pytest.raises(BrokerError, match="TLS vs plain"):
         mqtt_clients.make(plain)
     assert time.monotonic() - start < 3
+
+
+def test_worker_credentials_hold_only_what_a_worker_needs(prod_broker, mqtt_clients, uid):
+    """Least privilege (issue 10, workers' trust): a worker reads opens only through the workers'
+    share group and the sessions' up topics, writes only down topics and its own status. It can
+    neither read answers or statuses, nor forge a device's open or draft."""
+    worker1 = mqtt_clients.make(prod_broker.config("worker1"))
+    for stolen in (
+        "spececd/v1/+/open",  # outside the share group: a copy of every open
+        "$share/other/spececd/v1/+/open",
+        "spececd/v1/devA/+/down",
+        "spececd/v1/workers/+/status",
+        "spececd/#",
+        "#",
+    ):
+        assert not try_subscribe(worker1, stolen), stolen
+    worker2 = mqtt_clients.make(prod_broker.config("worker2"))
+    worker2.subscribe(OPEN_SHARED_FILTER)
+    worker2.subscribe(up_topic("devA", uid))
+    with pytest.raises(BrokerAuthError, match="refused the publish"):
+        worker1.publish(open_topic("devA"), b"forged open", wait=True)
+    with pytest.raises(BrokerAuthError, match="refused the publish"):
+        worker1.publish(up_topic("devA", uid), b"forged draft", wait=True)
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_a.publish(up_topic("devA", uid), b"real draft", wait=True)  # positive control
+    assert [(m.topic, m.payload) for m in [_get(worker2.messages)]] == [
+        (up_topic("devA", uid), b"real draft")
+    ]
+    assert _drain(worker2.messages) == [] and _drain(worker1.messages) == []
+
+
+def test_a_worker_can_still_answer_a_session_it_does_not_own(prod_broker, mqtt_clients, uid):
+    """The gap that remains (attack #11, broker/README.md "Workers' trust"): workers are one trust
+    domain, and any worker may write any session's down topic. If this starts failing, the gap
+    was closed: update the README and docs/ARCHITECTURE.md."""
+    dev_a = mqtt_clients.make(prod_broker.config("devA"))
+    dev_a.subscribe(down_topic("devA", uid))
+    mqtt_clients.make(prod_broker.config("worker2")).publish(down_topic("devA", uid), b"not mine", wait=True)
+    assert _get(dev_a.messages).payload == b"not mine"
