@@ -1,0 +1,212 @@
+"""Batched verification on the worker (issue 9), through a real Mosquitto with tiny real models.
+
+Many sessions share target forwards; every session must still get exactly the tokens of the
+unbatched in-process path (greedy and seeded), with mixed γ, cloud-only sessions among
+speculative ones, sessions joining and leaving mid-batch, a malformed draft inside a batch and
+a worker killed while its sessions share forwards.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.inprocess import InProcessPair
+from cloud_worker.verifier import Verifier
+from cloud_worker.worker import Worker
+from edge_agent.agent import EdgeAgent
+from edge_agent.mqtt_link import MqttLink
+from edge_agent.speculative import GenerateOptions, SessionState
+from shared import topics
+from shared.models import load_model
+from shared.protocol import Draft, Error, Open, Opened, Verdict, decode, encode
+from shared.sampling import SamplingParams, SparseDist
+from tests.tiny import make_tiny_model_dir
+from tests.workers import start_worker_process
+
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
+PROMPTS = [[5, 17, 42, 9], [7, 8, 9], [100, 3, 55, 61, 2], [11, 12]]
+
+
+class Recorder:
+    """Worker metrics that remember each forward's size (the rest are no-ops)."""
+
+    def __init__(self) -> None:
+        self.forwards: list[tuple[int, int]] = []
+
+    def forward(self, sessions: int, positions: int) -> None:
+        self.forwards.append((sessions, positions))
+
+    def __getattr__(self, _name: str):
+        return lambda *a, **k: None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
+    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
+    return {"draft": load_model(str(draft_dir)), "target": load_model(str(target_dir)), "target_dir": str(target_dir)}
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return InProcessPair.from_models(models["draft"], models["target"], max_sessions=64)
+
+
+def agent_for(models, broker, device: str, timeout_s: float = 10.0) -> EdgeAgent:
+    link = MqttLink(broker.config(), device=device, round_timeout_s=timeout_s, open_timeout_s=timeout_s)
+    link.connect()
+    return EdgeAgent(models["draft"], link, defaults=GenerateOptions())
+
+
+def run_fleet(models, broker, uid: str, plans: list[tuple[float, GenerateOptions]]) -> dict[int, list[int]]:
+    """Run one generation per plan (start delay, options) concurrently, each from its own device."""
+    out: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int, delay: float, opts: GenerateOptions) -> None:
+        agent = agent_for(models, broker, f"{uid}-d{i}")
+        try:
+            time.sleep(delay)
+            out[i] = agent.run(PROMPTS[i % len(PROMPTS)], opts).token_ids
+        except BaseException as exc:  # surfaced in the test thread
+            errors.append(exc)
+        finally:
+            agent.close()
+
+    threads = [threading.Thread(target=one, args=(i, d, o)) for i, (d, o) in enumerate(plans)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) -> None:
+    """Mixed γ, one cloud-only session, sessions joining late and leaving early."""
+    rec = Recorder()
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, batch_window_ms=30)
+    worker.start()
+    plans = [
+        (0.0, GenerateOptions(gamma=1, max_new_tokens=20, params=params)),
+        (0.0, GenerateOptions(gamma=4, max_new_tokens=10, params=params)),  # leaves early
+        (0.3, GenerateOptions(gamma=2, max_new_tokens=24, params=params)),  # joins late
+        (0.1, GenerateOptions(mode="cloud-only", max_new_tokens=12, params=params)),
+        (0.6, GenerateOptions(gamma=3, max_new_tokens=16, params=params, pipeline=False)),
+    ]
+    try:
+        got = run_fleet(models, dev_broker, uid, plans)
+    finally:
+        worker.stop()
+    for i, (_, opts) in enumerate(plans):
+        assert got[i] == reference.run(PROMPTS[i % len(PROMPTS)], opts).token_ids, f"session {i}"
+    assert max(s for s, _ in rec.forwards) >= 2, "no forward was shared: the test did not batch"
+    assert not worker.bad_messages
+
+
+def test_unbatched_worker_is_one_session_per_forward(models, reference, dev_broker, uid) -> None:
+    rec = Recorder()
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, max_batch_sessions=1)
+    worker.start()
+    plans = [(0.0, GenerateOptions(gamma=g, max_new_tokens=12, params=SAMPLED)) for g in (1, 3, 2)]
+    try:
+        got = run_fleet(models, dev_broker, uid, plans)
+    finally:
+        worker.stop()
+    for i, (_, opts) in enumerate(plans):
+        assert got[i] == reference.run(PROMPTS[i], opts).token_ids
+    assert {s for s, _ in rec.forwards} == {1}
+
+
+def _replies(raw, want: int, timeout: float = 20.0) -> list:
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        try:
+            out.append(decode(raw.messages.get(timeout=0.2).payload))
+        except queue.Empty:
+            continue
+    return out
+
+
+def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_clients) -> None:
+    """Three drafts share a forward; the one whose q names a token id >= the vocabulary gets
+    bad_message, its batch-mates their (exact) verdicts, and its session keeps working."""
+    target = models["target"]
+    worker = Worker(target, dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms=300)
+    worker.start()
+    raw = mqtt_clients.make(dev_broker.config())
+    raw.subscribe(f"{topics.PREFIX}/{uid}/+/down")
+    ref = Verifier(target)
+    sids = ["a", "b", "c"]
+    try:
+        for sid in sids:
+            msg = Open(sid=sid, epoch=0, ctx=(5, 17, 42), sampling=SAMPLED, draft_model="", target_model="",
+                       max_new=16)  # fmt: skip
+            ref.open(msg)
+            raw.publish(topics.open_topic(uid), encode(msg), response_topic=topics.down_topic(uid, sid))
+            assert isinstance(_replies(raw, 1)[0], Opened)
+
+        def good(sid: str) -> Draft:
+            q = tuple(SparseDist(ids=(t, t + 1), w=(300, 100)) for t in (7, 8, 9))
+            return Draft(sid=sid, epoch=0, seq=0, pos=3, tok=(7, 8, 9), q=q)
+
+        bad = Draft(sid="b", epoch=0, seq=0, pos=3, tok=(7, 8, 9),
+                    q=tuple(SparseDist(ids=(t, 5000), w=(1, 1)) for t in (7, 8, 9)))  # fmt: skip
+        for d in (good("a"), bad, good("c")):
+            raw.publish(topics.up_topic(uid, d.sid), encode(d))
+        answers = {r.sid: r for r in _replies(raw, 3)}
+        assert isinstance(answers["b"], Error) and answers["b"].code == "bad_message" and "5000" in answers["b"].detail
+        for sid in ("a", "c"):
+            v = answers[sid]
+            assert isinstance(v, Verdict) and v.batch == 2, v
+            want = ref.verify(good(sid))
+            assert (v.n_acc, v.next, v.alpha) == (want.n_acc, want.next, want.alpha)
+        raw.publish(topics.up_topic(uid, "b"), encode(good("b")))  # the same seq, now valid
+        (v,) = _replies(raw, 1)
+        want = ref.verify(good("b"))
+        assert isinstance(v, Verdict) and (v.n_acc, v.next) == (want.n_acc, want.next)
+    finally:
+        worker.stop()
+    assert worker.bad_messages["bad_message"] == 1
+
+
+def test_failover_while_sessions_share_a_batch(models, reference, dev_broker, uid, tmp_path: Path) -> None:
+    cfg = dev_broker.config()
+    extra = ["--batch-window-ms", "20", "--max-batch-sessions", "8"]
+    workers = {
+        wid: start_worker_process(cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path, extra=extra)
+        for wid in (f"a-{uid}", f"b-{uid}")
+    }
+    opts = [GenerateOptions(gamma=g, max_new_tokens=30, params=SAMPLED) for g in (2, 3, 1)]
+    agents = [agent_for(models, dev_broker, f"{uid}-d{i}", timeout_s=5.0) for i in range(len(opts))]
+    states = [SessionState() for _ in opts]
+    streams = [a.stream(PROMPTS[i], opts[i], state=states[i]) for i, a in enumerate(agents)]
+    got: list[list[int]] = [[] for _ in opts]
+    try:
+        for _ in range(4):  # every session under way, sharing its owner's forwards
+            for i, ev in enumerate(streams):
+                got[i].append(next(ev).token)
+        victim = agents[0].link.owner_of(states[0].sid)
+        workers[victim].kill()
+        threads = [threading.Thread(target=lambda i=i: got[i].extend(e.token for e in streams[i])) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(3):
+            assert got[i] == reference.run(PROMPTS[i], opts[i]).token_ids, f"session {i}"
+        assert states[0].failovers == 1
+    finally:
+        for a in agents:
+            a.close()
+        for w in workers.values():
+            w.proc.kill()
