@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = None
     try:
         log.info("loading target model %s", cfg.target)
-        target = load_model(cfg.target, device=cfg.model_device, dtype=cfg.dtype)
+        target = load_model(
+            cfg.target, device=cfg.model_device, dtype=cfg.dtype, offline=not cfg.allow_download
+        )
         if cfg.metrics_listen is not None:
             from shared.metrics import WorkerMetrics
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.chat import ApiClientError
+from edge_agent.drafter import load_draft
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.results import collect
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
@@ -27,7 +28,6 @@ from shared.config import (
 )
 from shared.errors import BrokerAuthError, BrokerError, SpecECDError
 from shared.logs import register_secrets_of, setup_logging
-from shared.models import load_model
 from shared.mqtt import broker_config_from_settings, prefer_network_latency
 from shared.sampling import SamplingParams
 
@@ -67,7 +67,10 @@ def connect_link(cfg: EdgeConfig) -> MqttLink:
 def build_agent(cfg: EdgeConfig, *, status: Callable[[str], None] = lambda _s: None) -> EdgeAgent:
     """Load the draft model and connect to the broker (not needed in edge-only mode)."""
     status(f"loading draft model {cfg.draft}")
-    draft = load_model(cfg.draft, device=cfg.model_device, dtype=cfg.dtype)
+    draft = load_draft(
+        cfg.draft, backend=cfg.draft_backend, threads=cfg.draft_threads, target=cfg.target,
+        device=cfg.model_device, dtype=cfg.dtype, offline=not cfg.allow_download,
+    )  # fmt: skip
     link = None
     if cfg.mode != "edge-only":
         status(f"connecting to the broker at {cfg.broker.address}")

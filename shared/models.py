@@ -7,7 +7,9 @@
    package) into a safetensors folder under ``$SPECECD_CACHE/converted/<stem>-<sha16>/``
    (default cache ``~/.cache/spececd``); later loads use that folder;
 3. a hub id (``org/name``), offline first: ``local_files_only=True`` against the local Hugging
-   Face cache, and the hub itself only when ``offline=False``.
+   Face cache; only when ``offline=False`` (config ``allow_download``) and ``HF_HUB_OFFLINE`` is
+   not set, a download from the hub (weights, config and tokenizer files only; a progress bar
+   unless JSON logs turned bars off), then a load from the cache.
 
 Every failure raises :class:`shared.errors.ModelLoadError` naming what was tried and what to do.
 The caller puts the model under ``torch.inference_mode``; ``load_model`` only calls ``eval()``.
@@ -45,10 +47,15 @@ DTYPES: dict[str, torch.dtype] = {
 CONVERTED_MARKER = ".spececd-converted.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MISSING_HINT = "no such file or folder; pass a hub id, a folder with config.json, or a .gguf file"
-_HUB_HINT = (
-    "not in the local cache and the hub is unreachable: download it on a machine with access, "
-    "or pass a local folder/GGUF, or run `spececd-models fetch-demo` for the demo pair"
+_NOT_CACHED_HINT = (
+    "it is not in the local Hugging Face cache, and downloads are off: allow the download with "
+    "--allow-download (config allow_download = true, or SPECECD_ALLOW_DOWNLOAD=1; gated models also "
+    "need hf_token), or pass a local folder or GGUF, or run `spececd-models fetch-demo` for the demo pair"
 )
+# what a download fetches: weights, config and tokenizer; never the duplicate original/ checkpoints
+_DOWNLOAD_ALLOW = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+_DOWNLOAD_IGNORE = ["original/*", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def cache_root() -> Path:
@@ -182,25 +189,76 @@ def _load_folder(
     return LoadedModel(model, tokenizer, name=_name_of(spec), source=str(folder), device=dev, dtype=dt)
 
 
-def _load_hub(spec: str, dev: torch.device, dt: torch.dtype, *, cache_dir: Any, offline: bool) -> LoadedModel:
+def hub_offline_env() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub (it wins over ``allow_download``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _from_cache(spec: str, dt: torch.dtype, cache_dir: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tried = []
-    attempts = [True] if offline else [True, False]
-    last: Exception | None = None
-    for local_only in attempts:
-        tried.append("local Hugging Face cache" if local_only else "Hugging Face hub")
+    kwargs = dict(cache_dir=cache_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(spec, dtype=dt, **kwargs)
+
+
+def download_model(spec: str, *, cache_dir: Any = None) -> str:
+    """Download hub model ``spec`` into the Hugging Face cache (weights, config, tokenizer) with
+    a progress bar; returns the snapshot folder. Raises ``ModelLoadError`` saying what to do."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    tried = [f"download from the Hugging Face hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')})"]
+    if hub_offline_env():
+        raise ModelLoadError(
+            spec,
+            tried,
+            "HF_HUB_OFFLINE is set, which forbids downloads: unset it to let allow_download fetch the model",
+        )
+    log.info("downloading %s from the Hugging Face hub (weights, config, tokenizer)", spec)
+    try:
+        folder = snapshot_download(
+            spec,
+            cache_dir=cache_dir,
+            allow_patterns=_DOWNLOAD_ALLOW,
+            ignore_patterns=_DOWNLOAD_IGNORE,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not when the hub library loaded
+        )
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise ModelLoadError(
+            spec,
+            tried,
+            "the hub refused it: check the id; a gated model needs a token (hf_token, SPECECD_HF_TOKEN or "
+            f"hf_token_file) of an account that accepted its licence ({type(exc).__name__})",
+        ) from exc
+    except Exception as exc:
+        raise ModelLoadError(
+            spec, tried, f"the download failed ({type(exc).__name__}: {exc}); check the network or the proxy"
+        ) from exc
+    log.info("downloaded %s into %s", spec, folder)
+    return folder
+
+
+def _load_hub(spec: str, dev: torch.device, dt: torch.dtype, *, cache_dir: Any, offline: bool) -> LoadedModel:
+    tried = ["local Hugging Face cache"]
+    try:
+        tokenizer, model = _from_cache(spec, dt, cache_dir)
+    except Exception as exc:
+        if offline:
+            raise ModelLoadError(spec, tried, f"{_NOT_CACHED_HINT}. ({type(exc).__name__}: {exc})") from exc
+        download_model(spec, cache_dir=cache_dir)
+        tried.append("download from the Hugging Face hub")
         try:
-            kwargs = dict(cache_dir=cache_dir, local_files_only=local_only)
-            tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, **kwargs)
-        except Exception as exc:
-            last = exc
-            continue
-        model.to(dev).eval()
-        return LoadedModel(model, tokenizer, name=_name_of(spec), source=spec, device=dev, dtype=dt)
-    hint = _HUB_HINT + ("" if not offline else " (offline=True: the hub was not tried)")
-    raise ModelLoadError(spec, tried, f"{hint}. Last error: {type(last).__name__}: {last}") from last
+            tokenizer, model = _from_cache(spec, dt, cache_dir)
+        except Exception as exc2:
+            raise ModelLoadError(
+                spec,
+                tried,
+                f"downloaded, but transformers cannot load it ({type(exc2).__name__}: {exc2}); "
+                "the repository needs safetensors weights, config.json and a tokenizer",
+            ) from exc2
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, name=_name_of(spec), source=spec, device=dev, dtype=dt)
 
 
 def _name_of(spec: str) -> str:
