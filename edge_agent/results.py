@@ -58,6 +58,28 @@ class GenerationResult:
         return verified / self.target_forwards if self.target_forwards else None
 
     @property
+    def gamma_mean(self) -> float | None:
+        """Mean γ over the speculative rounds (the adaptive controller's choices, or the fixed γ)."""
+        spec = [r.gamma for r in self.rounds if r.gamma > 0]
+        return statistics.fmean(spec) if spec else None
+
+    @property
+    def gamma_prediction(self) -> dict | None:
+        """How the γ controller's predictions compared with what happened, over the rounds it
+        predicted (not the first, taken from the prior): summed predicted and actual committed
+        tokens and round time, each ratio actual / predicted."""
+        rounds = [r for r in self.rounds if r.gamma > 0 and r.pred_ms > 0]
+        if not rounds:
+            return None
+        tokens = (sum(r.pred_tokens for r in rounds), sum(r.n_acc + 1 for r in rounds))
+        ms = (sum(r.pred_ms for r in rounds), sum(r.draft_ms + r.link_ms for r in rounds))
+        return {
+            "rounds": len(rounds),
+            "pred_tokens": tokens[0], "tokens": tokens[1], "tokens_ratio": tokens[1] / tokens[0],
+            "pred_ms": ms[0], "ms": ms[1], "ms_ratio": ms[1] / ms[0],
+        }  # fmt: skip
+
+    @property
     def fallback_tokens(self) -> int:
         return sum(1 for s in self.sources if s == SRC_FALLBACK)
 
@@ -76,6 +98,8 @@ class GenerationResult:
             "acceptance": self.acceptance,
             "alpha_theory": self.alpha_theory,
             "tau": self.tau,
+            "gamma_mean": self.gamma_mean,
+            "gamma_prediction": self.gamma_prediction,
             "target_forwards": self.target_forwards,
             "fallback_tokens": self.fallback_tokens,
             "failovers": self.failovers,

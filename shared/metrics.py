@@ -45,6 +45,7 @@ _CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # sessions per forward
 POSITION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # positions per forward
+GAMMA_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)  # draft tokens per round
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -267,6 +268,20 @@ class EdgeMetrics:
         self.verify_seconds = Histogram(
             p + "verify_seconds", "Worker-reported model time per round.", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.gamma = Histogram(
+            p + "gamma", "Draft tokens proposed per speculative round (γ chosen).", buckets=GAMMA_BUCKETS, registry=r
+        )
+        self.gamma_predicted_tokens = Counter(
+            p + "gamma_predicted_tokens",
+            "Committed tokens the γ controller predicted (compare: accepted + rounds with predictions).",
+            registry=r,
+        )
+        self.gamma_predicted_rounds = Counter(
+            p + "gamma_predicted_rounds", "Speculative rounds the γ controller predicted.", registry=r
+        )
+        self.gamma_committed_tokens = Counter(
+            p + "gamma_committed_tokens", "Committed tokens of the rounds the γ controller predicted.", registry=r
+        )
         self.link_bytes = Counter(p + "link_bytes", "Payload bytes on the link.", ["direction"], registry=r)
         self.tokens = Counter(p + "tokens", "Generated tokens by source.", ["source"], registry=r)
         self.fallback_tokens = Counter(
@@ -329,6 +344,11 @@ class EdgeMetrics:
             return
         self.draft_seconds.observe(stats.draft_ms / 1e3)
         self.drafted.inc(stats.gamma)
+        self.gamma.observe(stats.gamma)
+        if getattr(stats, "pred_ms", 0.0) > 0:  # the γ controller's prediction vs what happened
+            self.gamma_predicted_rounds.inc()
+            self.gamma_predicted_tokens.inc(stats.pred_tokens)
+            self.gamma_committed_tokens.inc(stats.n_acc + 1)
         self.judged.inc(stats.judged)
         self.accepted.inc(stats.n_acc)
         for pos in range(min(stats.judged, MAX_POSITION + 1)):

@@ -118,6 +118,7 @@ def test_edge_round_accounting_by_position() -> None:
     assert value(s, "spececd_edge_round_seconds_sum") == pytest.approx(0.09)
     assert value(s, "spececd_edge_draft_seconds_count") == 2
     assert value(s, "spececd_edge_link_bytes_total", direction="up") == 360
+    assert value(s, "spececd_edge_gamma_count") == 2 and value(s, "spececd_edge_gamma_bucket", le="4.0") == 2
     m.observe_round(round_stats(64, 64))
     positions = {int(dict(k[1])["position"]) for k in parse(m.render()) if "position" in dict(k[1])}
     assert max(positions) == 63
@@ -151,6 +152,11 @@ def test_edge_metrics_follow_real_generations(pair, mode) -> None:
         assert value(s, "spececd_edge_drafted_tokens_total") == result.drafted
         assert value(s, "spececd_edge_accepted_tokens_total") == result.accepted <= result.drafted
         assert value(s, "spececd_edge_position_judged_total", position="0") == len(result.rounds)
+        assert value(s, "spececd_edge_gamma_sum") == result.drafted
+        pred = result.gamma_prediction  # every round but the first (nothing measured yet); fixed γ too
+        assert value(s, "spececd_edge_gamma_predicted_rounds_total") == pred["rounds"] == len(result.rounds) - 1
+        assert value(s, "spececd_edge_gamma_committed_tokens_total") == pred["tokens"]
+        assert value(s, "spececd_edge_gamma_predicted_tokens_total") == pytest.approx(pred["pred_tokens"])
     else:
         assert value(s, "spececd_edge_drafted_tokens_total") == 0
     if mode == "edge-only":
