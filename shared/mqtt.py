@@ -13,11 +13,16 @@ It moves bytes; serialization is the caller's job. API::
     client.on_reconnect.append(fn)                  # fn() after reconnect + resubscribe
     client.close()                                  # clean DISCONNECT (no Will), stops the thread
 
-Threads: one network thread per client runs paho's ``loop()`` and reconnects with exponential
-backoff and jitter. Incoming messages are enqueued there (``client.messages``) or handed to the
-subscription's ``handler``, which runs on the network thread and must only enqueue. After a
-reconnect a separate thread re-makes every subscription (waiting for the SUBACKs), then sets
-``connected`` and calls the ``on_reconnect`` hooks, so a hook may publish and wait.
+Threads: paho's own network thread (``loop_start``) does every socket read and write and
+reconnects; the wait before each attempt comes from ``Backoff`` (exponential, jitter, capped,
+reset only by a connection that stayed up ``_STABLE_S``), handed to paho with
+``reconnect_delay_set``. A lost connection is logged once (WARNING), the reconnect once (INFO),
+the attempts in between at DEBUG. Incoming messages are enqueued there (``client.messages``) or
+handed to the subscription's ``handler``, which runs on the network thread and must only
+enqueue. After a reconnect a separate thread re-makes every subscription (waiting for the
+SUBACKs), then sets ``connected`` and calls the ``on_reconnect`` hooks, so a hook may publish and
+wait. ``on_disconnect`` hooks run on the network thread right after ``connected`` is cleared.
+``connect_in_background()`` starts without a broker: paho's thread keeps trying.
 
 Errors: ``BrokerAuthError`` when the broker refuses the credentials or client id, ``BrokerError``
 for everything else (unreachable, TLS, not connected, failed SUBACK/PUBACK); paho and socket
@@ -161,8 +166,36 @@ class _Acks:
             return self._recent.pop((kind, mid))
 
 
+class Backoff:
+    """Reconnect delays: exponential from ``min_delay``, capped at ``max_delay``, with jitter.
+
+    Each delay is drawn from [d/2, d] ("equal jitter"), d doubling per failed attempt, so many
+    clients that lost one broker do not come back in lockstep. ``reset()`` after a connection
+    that stayed up long enough."""
+
+    def __init__(self, min_delay: float, max_delay: float, *, rng: random.Random | None = None) -> None:
+        self.min_delay, self.max_delay = min_delay, max_delay
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        """The delay before the next attempt (and count the attempt)."""
+        d = min(self.min_delay * 2.0 ** min(self.attempts, 30), self.max_delay)
+        self.attempts += 1
+        return self._rng.uniform(d / 2, d)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
 class MqttClient:
-    """An MQTT 5 client that reconnects by itself. Make it with ``make_client``."""
+    """An MQTT 5 client that reconnects by itself. Make it with ``make_client``.
+
+    paho is used through its public API only: paho's own network thread (``loop_start``) does
+    every socket read and write (so publishes from many threads never write to one TLS stream
+    at once: ``publish`` only queues the packet and wakes that thread), and paho's own reconnect
+    loop reconnects, with the delay of each wait set from our ``Backoff`` through
+    ``reconnect_delay_set`` in the disconnect / connect-failure callbacks."""
 
     def __init__(
         self,
@@ -179,8 +212,9 @@ class MqttClient:
         self.messages: queue.Queue[Incoming] = queue.Queue()
         self.connected = threading.Event()
         self.on_reconnect: list[Callable[[], None]] = []
+        self.on_disconnect: list[Callable[[], None]] = []  # network thread, on a lost connection
+        self.backoff = Backoff(reconnect_min_delay, reconnect_max_delay)
         self._clean_start = clean_start
-        self._delays = (reconnect_min_delay, reconnect_max_delay)
         self._subs: dict[str, tuple[int, Handler | None]] = {}  # filter -> (qos, handler)
         self._routes: list[tuple[str, Handler]] = []  # (match filter, handler), subscription order
         self._lock = threading.Lock()
@@ -188,12 +222,13 @@ class MqttClient:
         self._connack: ReasonCode | None = None
         self._connack_event = threading.Event()
         self._ever_connected = False
-        self._stop = threading.Event()
+        self._started = False  # paho's network thread runs
+        self._background = False  # started by connect_in_background: the first connection is retried
         self._closing = False
         self._up_since: float | None = None  # monotonic time of the last successful CONNACK
+        self._down_since: float | None = None  # monotonic time the connection was lost (logged)
         self._quick_drops = 0  # established connections lost within _STABLE_S, in a row
         self._disconnected = threading.Event()
-        self._thread: threading.Thread | None = None
         self._paho = self._make_paho(will)
 
     def _make_paho(self, will: Will | None) -> paho.Client:
@@ -215,8 +250,10 @@ class MqttClient:
             c.tls_insecure_set(cfg.tls.insecure)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.reconnect_delay_set(self.backoff.min_delay, self.backoff.min_delay)
         c.on_socket_open = _set_nodelay
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = lambda _c, _u, mid, codes, _p: self._acks.put("sub", mid, codes)
@@ -242,13 +279,7 @@ class MqttClient:
                 f"cannot reach the MQTT broker at {cfg.address}: {exc}. Is mosquitto running, and are "
                 "the host and port right (1883 plain, 8883 TLS)?"
             ) from exc
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
-        # Tell paho a network thread owns the socket: otherwise publish() writes from the caller's
-        # thread while ours reads, and concurrent use of one TLS connection corrupts the stream
-        # (the broker then drops us with "protocol error"). With this set, publish() only queues
-        # the packet and wakes our thread, which does every read and write.
-        self._paho._thread = self._thread
-        self._thread.start()
+        self._start_loop()
         if not self._connack_event.wait(timeout):
             self._shutdown()
             raise BrokerError(f"no CONNACK from the broker at {cfg.address} within {timeout:.1f} s")
@@ -263,72 +294,115 @@ class MqttClient:
             self._shutdown()
             raise _refusal(cfg, code)
 
-    def _run(self) -> None:
-        """The network thread: paho's loop, and reconnection with exponential backoff + jitter.
+    def connect_in_background(self) -> None:
+        """Start connecting without waiting (the broker may be down): paho's thread retries with
+        the backoff; subscriptions made meanwhile (``subscribe(..., when_connected=True)``) are
+        made on connect, then ``connected`` is set. A refused login is logged and not retried."""
+        cfg = self.config
+        self._background = True
+        self._paho.connect_timeout = 5.0
+        self._paho.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=self._clean_start)
+        self._start_loop()
 
-        The backoff starts again from the minimum only after a connection that stayed up
-        ``_STABLE_S``; so two clients fighting over one username slow down instead of spinning."""
-        delay = self._delays[0]
-        while not self._stop.is_set():
-            if self._paho.loop(timeout=0.5) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                continue
-            if not self._ever_connected:  # lost before the first CONNACK: connect() reports it
-                self._connack_event.set()
-                break
-            if self._stop.is_set():
-                break
-            if self._quick_drops == 0:
-                delay = self._delays[0]
-            self._stop.wait(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, self._delays[1])
-            if self._stop.is_set():
-                break
-            try:
-                self._paho.reconnect()
-            except (OSError, ssl.SSLError) as exc:
-                log.info("reconnect to %s failed: %s", self.config.address, exc)
+    def _start_loop(self) -> None:
+        self._started = True
+        self._paho.loop_start()
 
     def _on_connect(self, _c: object, _u: object, _flags: object, code: ReasonCode, _p: object) -> None:
         self._connack = code
         self._connack_event.set()
         if code.is_failure:
+            err = _refusal(self.config, code)
             if self._ever_connected:
-                log.error(
-                    "broker at %s refused the reconnect: %s", self.config.address, _refusal(self.config, code)
-                )
+                log.error("broker at %s refused the reconnect: %s", self.config.address, err)
+            elif self._background:
+                log.error("%s", err)
+                if isinstance(err, BrokerAuthError):  # retrying cannot fix who we are
+                    threading.Thread(target=self._shutdown, daemon=True).start()
             return
         self._up_since = time.monotonic()
-        if not self._ever_connected:
-            self._ever_connected = True
+        first = not self._ever_connected
+        self._ever_connected = True
+        if self._down_since is not None:
+            log.info(
+                "reconnected to %s after %.1f s (%d attempts)",
+                self.config.address,
+                self._up_since - self._down_since,
+                self.backoff.attempts,
+            )
+            self._down_since = None
+        elif self._background:
+            log.info("connected to the broker at %s", self.config.address)
+        with self._lock:
+            has_subs = bool(self._subs)
+        if first and not has_subs:
             self.connected.set()
             return
         # Resubscribing waits for SUBACKs, which this (network) thread delivers: do it elsewhere.
-        threading.Thread(target=self._resume, name=f"mqtt-resume-{self.client_id}", daemon=True).start()
+        threading.Thread(
+            target=self._resume, args=(not first,), name=f"mqtt-resume-{self.client_id}", daemon=True
+        ).start()
 
-    def _resume(self) -> None:
+    def _resume(self, hooks: bool) -> None:
+        done: set[str] = set()
         try:
-            with self._lock:
-                subs = list(self._subs.items())
-            for topic_filter, (qos, _handler) in subs:
-                self._subscribe_wait(topic_filter, qos, timeout=10.0)
+            while True:  # a subscription recorded meanwhile is made too
+                with self._lock:
+                    todo = [(f, q) for f, (q, _h) in self._subs.items() if f not in done]
+                if not todo:
+                    break
+                for topic_filter, qos in todo:
+                    self._subscribe_wait(topic_filter, qos, timeout=10.0)
+                    done.add(topic_filter)
+                # set under the lock, so a subscribe() that saw "not connected" is in `todo`
+                with self._lock:
+                    if all(f in done for f in self._subs):
+                        self.connected.set()
+                        break
         except BrokerError as exc:
-            log.warning("resubscribing after a reconnect failed (%s); will retry on the next one", exc)
+            log.warning("subscribing after a (re)connect failed (%s); will retry on the next one", exc)
             return
-        self.connected.set()
-        log.info("reconnected to %s, %d subscription(s) restored", self.config.address, len(subs))
-        for hook in list(self.on_reconnect):
+        log.debug("connected to %s, %d subscription(s) made", self.config.address, len(done))
+        for hook in list(self.on_reconnect) if hooks else []:
             try:
                 hook()
             except Exception:
                 log.exception("on_reconnect hook %r failed", hook)
 
+    def _on_connect_fail(self, _c: object, _u: object) -> None:
+        """paho could not open the connection (reconnecting, or a first connect in background)."""
+        delay = self.backoff.next()
+        self._paho.reconnect_delay_set(delay, delay)  # paho's next wait
+        log.debug("connecting to %s failed; next attempt in %.2f s", self.config.address, delay)
+        if self.backoff.attempts == 1 and self._background and not self._ever_connected:
+            log.warning(
+                "cannot reach the MQTT broker at %s; retrying in the background (backoff up to %.0f s)",
+                self.config.address,
+                self.backoff.max_delay,
+            )
+        if (
+            self.backoff.attempts > 1
+            and self.backoff.max_delay
+            <= self.backoff.min_delay * 2.0 ** (self.backoff.attempts - 1)
+            < 2 * self.backoff.max_delay
+        ):
+            log.info(
+                "the broker at %s is still unreachable; retrying about every %.0f s",
+                self.config.address,
+                self.backoff.max_delay,
+            )
+
     def _on_disconnect(self, _c: object, _u: object, _flags: object, code: ReasonCode, _p: object) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._disconnected.set()
+        if not self._ever_connected and not self._background:
+            self._connack_event.set()  # closed before any CONNACK: connect() reports it
         if self._up_since is not None:  # a session that had been established is gone
             up_for, self._up_since = time.monotonic() - self._up_since, None
             self._quick_drops = 0 if up_for >= _STABLE_S else self._quick_drops + 1
+            if up_for >= _STABLE_S:
+                self.backoff.reset()  # only a connection that stayed up resets the backoff
             if code.value == _SESSION_TAKEN_OVER or self._quick_drops == 3:
                 log.error(
                     "the connection to %s as %r keeps being dropped right after it is made: another "
@@ -337,22 +411,41 @@ class MqttClient:
                     self.config.address,
                     self.config.username or self.client_id,
                 )
-        if was_connected and not self._closing:
+        if self._closing:
+            return
+        delay = self.backoff.next()
+        self._paho.reconnect_delay_set(delay, delay)
+        if was_connected and self._down_since is None:
+            self._down_since = time.monotonic()
             log.warning("lost the broker at %s (%s); reconnecting", self.config.address, code)
+        for hook in list(self.on_disconnect):
+            try:
+                hook()
+            except Exception:
+                log.exception("on_disconnect hook %r failed", hook)
 
     # -- subscriptions ----------------------------------------------------------------------
 
     def subscribe(
-        self, topic_filter: str, qos: int = 1, *, handler: Handler | None = None, timeout: float = 5.0
+        self,
+        topic_filter: str,
+        qos: int = 1,
+        *,
+        handler: Handler | None = None,
+        timeout: float = 5.0,
+        when_connected: bool = False,
     ) -> None:
         """Subscribe and wait for the SUBACK; re-made after every reconnect.
 
         Messages matching ``topic_filter`` go to ``handler`` (called on the network thread: it must
-        only enqueue) or, without one, to ``self.messages``.
+        only enqueue) or, without one, to ``self.messages``. With ``when_connected``, a client not
+        connected now only records the subscription; it is made when the connection comes up.
         """
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
             self._routes = [(_match_filter(f), h) for f, (_q, h) in self._subs.items() if h is not None]
+            if when_connected and not self.connected.is_set():
+                return
         self._subscribe_wait(topic_filter, qos, timeout)
 
     def _subscribe_wait(self, topic_filter: str, qos: int, timeout: float) -> None:
@@ -422,19 +515,20 @@ class MqttClient:
     def close(self, timeout: float = 2.0) -> None:
         """Disconnect cleanly (the broker does not send the Will) and stop the network thread."""
         self._closing = True
-        if self._paho.is_connected():
+        if self.connected.is_set():
             self._disconnected.clear()
             self._paho.disconnect()
             self._disconnected.wait(timeout)  # the network thread sends the DISCONNECT
-        self._shutdown(timeout)
+        self._shutdown()
 
-    def _shutdown(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+    def _shutdown(self) -> None:
+        """Stop paho's network thread (and its reconnect loop); paho closes the socket."""
+        self._closing = True
         self.connected.clear()
-        if self._thread is None or not self._thread.is_alive():
-            self._paho._reset_sockets()  # close the socket and the wake-up pair now, not at GC
+        self._paho.disconnect()  # also ends a reconnect wait
+        if self._started:
+            self._started = False
+            self._paho.loop_stop()
 
     def __enter__(self) -> MqttClient:
         return self

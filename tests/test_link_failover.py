@@ -7,6 +7,7 @@ each other's traffic.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from cloud_worker.worker import Worker
 from edge_agent.drafter import Drafter
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState, generate
+from shared import topics
+from shared.errors import CloudUnavailableError
 from shared.models import load_model
+from shared.protocol import Error, decode, encode
 from shared.sampling import SamplingParams
 from tests.tiny import make_tiny_model_dir
 from tests.workers import start_worker_process
@@ -83,3 +87,107 @@ def test_failover_late_in_a_long_generation(models, dev_broker, uid, tmp_path: P
         link.shutdown()
         for w in workers.values():
             w.proc.kill()
+
+
+def tokens_timed(events, out: list, stop_after: int) -> None:
+    """Consume ``events`` in a thread: (monotonic time, event) per token."""
+    for ev in events:
+        out.append((time.monotonic(), ev))
+        if len(out) >= stop_after:
+            return
+
+
+def test_lost_broker_is_noticed_at_once(models, own_dev_broker, uid) -> None:
+    """Item 2: the broker dies while a (slow) verify is in flight; the first fallback token comes
+    within 0.5 s, not at the 4 s round deadline."""
+    target = load_model(models["target_dir"])  # its own copy: its forward is slowed down
+    verifying = threading.Event()
+    real_forward = target.model.forward
+    forwards = []
+
+    def slow_forward(*args, **kw):
+        forwards.append(1)
+        if len(forwards) > 1:  # the first forward is the open's prefill
+            verifying.set()
+        time.sleep(1.0)  # a CPU target on a long block
+        return real_forward(*args, **kw)
+
+    target.model.forward = slow_forward
+    worker = Worker(target, own_dev_broker.config(), worker_id=f"w-{uid}")
+    worker.start()
+    link = make_link(own_dev_broker, uid, timeout_s=4.0)
+    opts = GenerateOptions(gamma=3, max_new_tokens=40, on_cloud_unreachable="draft", pipeline=False)
+    got: list = []
+    consumer = threading.Thread(
+        target=tokens_timed, args=(generate(Drafter(models["draft"]), link, [5, 17, 42, 9], opts), got, 40)
+    )
+    try:
+        consumer.start()
+        assert verifying.wait(30)
+        time.sleep(0.2)  # well inside the 1 s verify
+        verifying.clear()
+        killed_at = time.monotonic()
+        own_dev_broker.stop(crash=True)
+        consumer.join(30)
+        first = next(t for t, ev in got if ev.source == SRC_FALLBACK)
+        assert first - killed_at < 0.5, (
+            f"first fallback token {first - killed_at:.2f} s after the broker died"
+        )
+    finally:
+        link.shutdown()
+        worker.stop(drain_timeout=5)
+
+
+def test_overloaded_worker_makes_the_edge_open_elsewhere(models, dev_broker, uid, mqtt_clients) -> None:
+    """Item 3: a worker that answers ``overloaded`` (it is shutting down) makes the edge re-open
+    on another worker; the user never sees the error."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}")
+    worker.start()
+    refuser = mqtt_clients.make(dev_broker.config())  # a second share-group member, shutting down
+    refused: list[str] = []
+
+    def refuse(msg) -> None:
+        if topics.parse_topic(msg.topic).device != uid:
+            return
+        req = decode(msg.payload)
+        refused.append(req.sid)
+        err = Error(
+            sid=req.sid, code="overloaded", detail="worker shutting down: open again", seq=None, epoch=None
+        )
+        refuser.publish(msg.response_topic, encode(err))
+
+    refuser.subscribe(topics.OPEN_SHARED_FILTER, handler=refuse)
+    link = make_link(dev_broker, uid, timeout_s=5.0)
+    opts = GenerateOptions(gamma=3, max_new_tokens=12, on_cloud_unreachable="fail")
+    try:
+        reference = InProcessPair.from_models(models["draft"], models["target"]).run([5, 17, 42, 9], opts)
+        for _ in range(4):  # the shared subscription alternates between the two members
+            events = generate(
+                Drafter(models["draft"]), link, [5, 17, 42, 9], opts, eos_ids=models["target"].eos_token_ids
+            )
+            assert [ev.token for ev in events] == reference.token_ids
+        assert refused  # the refuser did get opens, and the edge went elsewhere each time
+    finally:
+        link.shutdown()
+        worker.stop()
+
+
+@pytest.mark.parametrize("policy", ["draft", "fail"])
+def test_no_worker_online_applies_the_policy_at_once(models, own_dev_broker, uid, policy) -> None:
+    """Item 8: with no worker online (the edge knows it from the status topics) an open does not
+    wait ``open_timeout_s`` (30 s) for an answer: the cloud-unreachable policy applies at once."""
+    link = MqttLink(own_dev_broker.config(), device=uid, round_timeout_s=10.0, open_timeout_s=30.0)
+    link.connect()
+    opts = GenerateOptions(gamma=3, max_new_tokens=4, on_cloud_unreachable=policy)
+    try:
+        assert not link.available()
+        start = time.monotonic()
+        events = generate(Drafter(models["draft"]), link, [5, 17, 42, 9], opts)
+        if policy == "fail":
+            with pytest.raises(CloudUnavailableError, match="no worker"):
+                next(events)
+        else:
+            assert next(events).source == SRC_FALLBACK
+        assert time.monotonic() - start < 2.0
+    finally:
+        link.shutdown()
