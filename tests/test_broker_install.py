@@ -13,6 +13,7 @@ changes. Each case proves the broker serves: a device's TLS login, and a worker'
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -105,3 +106,36 @@ def test_retain_guard_builds_without_warnings(tmp_path):
     if out.returncode == 0:
         for symbol in ("mosquitto_plugin_version", "mosquitto_plugin_init", "mosquitto_plugin_cleanup"):
             assert symbol in out.stdout
+
+
+def test_rekey_and_remove_take_effect_at_restart(tmp_path):
+    """add-device.sh on an existing name replaces its password; dynsec.py remove deletes the
+    client and its role. The plugin reads the file at start, so the broker is restarted."""
+    from shared.errors import BrokerAuthError
+    from tests.brokers import start_broker
+
+    broker = start_broker("prod", tmp_path / "b")
+    etc = tmp_path / "b" / "etc"
+    env = {**os.environ, "SPECECD_BROKER_DIR": str(etc)}
+    clients = Clients()
+    try:
+        subprocess.run(
+            [str(BROKER_DIR / "add-device.sh"), "devA", "new-pw"], check=True, env=env, capture_output=True
+        )
+        subprocess.run(
+            ["python3", str(BROKER_DIR / "dynsec.py"), str(etc / "dynamic-security.json"), "remove", "devB"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        clients.make(broker.config("devB"))  # still in force: nothing reloaded yet
+        clients.close_all()
+        broker.restart()
+        for user, password in (("devA", "pw-devA"), ("devB", "pw-devB")):
+            with pytest.raises(BrokerAuthError):
+                clients.make(broker.config(user, password=password))
+        broker.users["devA"] = "new-pw"
+        _serves(broker)
+    finally:
+        clients.close_all()
+        broker.stop()
+    roles = {r["rolename"] for r in json.loads((etc / "dynamic-security.json").read_text())["roles"]}
+    assert "spececd-device-devB" not in roles and "spececd-device-devA" in roles
