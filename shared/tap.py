@@ -8,7 +8,9 @@ Each message is printed as one header line (topic, message type, payload size, M
 properties) and one line of fields. CBOR payloads are decoded with ``shared.protocol.decode``;
 text payloads (a worker's retained ``online``/``offline``) are printed as text; anything else is
 shown as malformed with the decoder's error and the first bytes in hex. The tap never crashes on
-a payload.
+a payload. A draft's line starts with its γ (the edge's choice for that round; why it chose it
+is in the edge's ``RoundStats.gamma_reason``, its logs and metrics); verdicts show ``n_acc`` and,
+from batching workers, ``batch`` / ``batch_pos``.
 
 On a production broker, log in with a username of its own: the broker gives each username one
 connection (``use_username_as_clientid``), so tapping as a device or worker kicks that client off.
@@ -61,7 +63,10 @@ def _describe(msg: Incoming) -> tuple[str, str]:
     except Exception as exc:  # a decoder bug must not stop the tap either
         return "MALFORMED", f"decoder raised {type(exc).__name__}: {exc}"
     fields = " ".join(f"{f.name}={_short(getattr(decoded, f.name))}" for f in dataclasses.fields(decoded))
-    return getattr(decoded, "T", type(decoded).__name__), fields
+    kind = getattr(decoded, "T", type(decoded).__name__)
+    if kind == "draft":  # the draft length the edge chose this round (fixed, or its γ controller's pick)
+        fields = f"γ={len(decoded.tok)} {fields}"
+    return kind, fields
 
 
 def _as_text(payload: bytes) -> str | None:

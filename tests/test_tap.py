@@ -35,6 +35,7 @@ def test_format_decodes_a_message_with_its_properties():
     assert "response-topic=spececd/v1/devA/s1/down" in header
     assert "correlation-data=0007" in header and "expiry=5s" in header
     assert "seq=7" in body and "pos=40" in body and "tok=(11, 12, 13)" in body and "q=None" in body
+    assert body.strip().startswith("γ=3 ")  # the draft length chosen this round
 
 
 def test_format_cuts_long_id_lists():
