@@ -82,6 +82,19 @@ def test_cli_flag_allows_the_download(hub, tmp_path) -> None:
     assert '"token_ids"' in done.stdout
 
 
+def test_compose_workers_may_download_their_target() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    workers = [s for name, s in compose["services"].items() if name.startswith("worker")]
+    assert workers
+    for w in workers:
+        value = os.path.expandvars(
+            str(w["environment"]["SPECECD_ALLOW_DOWNLOAD"]).replace("${SPECECD_ALLOW_DOWNLOAD:-1}", "1")
+        )
+        assert value == "1" and "hf_token" in w["secrets"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("openssl"), reason="setup.sh sets owners as root")
 def test_compose_hf_token_secret_is_readable_by_the_worker_uid(tmp_path) -> None:
     env = {
