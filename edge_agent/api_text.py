@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge_agent.agent import EdgeAgent
+from edge_agent.gamma import GAMMA_AUTO
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import MODES, GenerateOptions, SessionState
 from shared.logs import log_session_end, log_session_start
@@ -278,7 +279,7 @@ def parse_request(agent: EdgeAgent, body: object, kind: str, *, context: int | N
     mode = ext.get("mode", d.mode)
     if mode not in MODES:
         raise _bad(f"'spececd.mode' must be one of {', '.join(MODES)}", "spececd.mode")
-    gamma = _int(ext, "gamma", 1, 64) or d.gamma
+    gamma = GAMMA_AUTO if ext.get("gamma") == GAMMA_AUTO else (_int(ext, "gamma", 1, 64) or d.gamma)
     prompt_ids = _prompt_ids(agent, body, kind)
     if context is not None and len(prompt_ids) >= context:
         raise _bad(

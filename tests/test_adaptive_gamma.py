@@ -202,3 +202,15 @@ def test_auto_gamma_through_a_real_broker(models, dev_broker, uid, params) -> No
     assert all(r.gamma_reason for r in remote.rounds) and all(r.bytes_up > 0 for r in remote.rounds)
     ref, _ = exact_reference(models["draft"], models["target"], PROMPT, gammas, params, N)
     assert remote.token_ids == ref[: len(remote.token_ids)]
+
+
+def test_api_request_takes_auto_or_a_fixed_gamma(models, pair) -> None:
+    from edge_agent.api_text import parse_request
+
+    agent = EdgeAgent(models["draft"], pair.link, defaults=GenerateOptions(gamma=3))
+    body = {"model": "m", "prompt": "hi", "spececd": {"gamma": "auto"}}
+    assert parse_request(agent, body, "completion", context=None).opts.gamma == "auto"
+    body["spececd"] = {"gamma": 6}
+    assert parse_request(agent, body, "completion", context=None).opts.gamma == 6
+    del body["spececd"]
+    assert parse_request(agent, body, "completion", context=None).opts.gamma == 3
