@@ -166,7 +166,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     meta = {"command": argv_text, **machine_meta(), "draft": draft_spec, "target": target_spec,
             "pinning": pin_text, "gamma": args.gamma[0], "temperature": args.temperature[0],
             "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "seed": args.seed,
-            "fleet_seconds": args.fleet_seconds, "long_run_s": args.fleet_duration,
+            "fleet_seconds": args.fleet_seconds, "long_run_s": args.fleet_duration, "paced": args.fleet_pace,
             "worker_configs": {name: shlex.join(extra) for name, extra in configs},
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     cells: list[dict] = []
@@ -197,7 +197,9 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                     meta["prompts"] = [f"{p.index}: [{p.category}] {p.text}" for p in prompts]
                     del draft  # the replay needs no model
                 link.shutdown()
-                replayer = Replayer(cfg, round_timeout_s=args.round_timeout_s, tag=f"c{ci}")
+                replayer = Replayer(
+                    cfg, round_timeout_s=args.round_timeout_s, tag=f"c{ci}", pace=args.fleet_pace
+                )
                 replayer.connect()
                 try:
                     if long_run:

@@ -16,6 +16,7 @@ both per round).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import threading
 import time
@@ -82,8 +83,11 @@ class _Slot:
 class Replayer:
     """Runs slots of recorded sessions against the worker pool through one MQTT connection."""
 
-    def __init__(self, broker: BrokerConfig, *, round_timeout_s: float = 120.0, tag: str = "") -> None:
+    def __init__(
+        self, broker: BrokerConfig, *, round_timeout_s: float = 120.0, tag: str = "", pace: bool = False
+    ) -> None:
         self.broker = broker
+        self.pace = pace  # wait each block's recorded drafting time before sending it, as the edge did
         self.round_timeout_s = round_timeout_s
         self.tag = tag or uuid.uuid4().hex[:6]
         self.client = make_client(broker, client_id=f"fleet-replay-{self.tag}-{uuid.uuid4().hex[:6]}")
@@ -94,15 +98,35 @@ class Replayer:
         self._stop_at = float("inf")
         self._once = False
         self._all_done = threading.Event()
+        self._due: list[tuple[float, int, str]] = []  # paced sends: (when, tie-break, sid)
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
         self.rounds: list[RoundRecord] = []
         self.generations: list[GenerationRecord] = []
         self.stray = 0  # answers for sessions no longer replayed (late, after a timeout)
 
     def connect(self) -> None:
         self.client.connect()
+        if self.pace:
+            threading.Thread(target=self._pacer, name="fleet-pacer", daemon=True).start()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
         self.client.close()
+
+    def _pacer(self) -> None:
+        """Sends the paced requests when their drafting time is over."""
+        with self._lock:
+            while not self._closed:
+                now = time.perf_counter()
+                while self._due and self._due[0][0] <= now:
+                    _, _, sid = heapq.heappop(self._due)
+                    slot = self._by_sid.get(sid)
+                    if slot is not None and slot.gen is not None:
+                        self._send_step(slot)
+                self._wake.wait(min(0.05, self._due[0][0] - now) if self._due else 0.05)
 
     def _subscribe_device(self, device: str) -> None:
         if device not in self._subscribed:
@@ -271,7 +295,14 @@ class Replayer:
         assert slot.rec is not None
         slot.step += 1
         if slot.step < len(slot.rec.steps) and time.perf_counter() < self._stop_at:
-            self._send_step(slot)
+            think = slot.rec.steps[slot.step].draft_ms / 1e3 if self.pace else 0.0
+            if think <= 0:
+                self._send_step(slot)
+                return
+            assert slot.gen is not None
+            slot.t_send = time.perf_counter() + think  # no deadline runs while the edge drafts
+            heapq.heappush(self._due, (slot.t_send, id(slot) + slot.step, slot.gen.sid))
+            self._wake.notify()
             return
         finished = slot.step >= len(slot.rec.steps)
         self._end_generation(slot, cut=not finished)

@@ -76,7 +76,8 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
     meta, cells, long = report["meta"], report["cells"], report.get("long_run") or {}
     out = ["# Fleet benchmark", "", f"`{meta['command']}`", "",
            f"Draft `{meta['draft']}`, target `{meta['target']}`; γ = {meta['gamma']}, T = {meta['temperature']}, "
-           f"max {meta['max_new_tokens']} new tokens, {meta['num_prompts']} prompts, {meta['fleet_seconds']} s per cell. "
+           f"max {meta['max_new_tokens']} new tokens, {meta['num_prompts']} prompts, {meta['fleet_seconds']} s per cell, "
+        f"{'paced by the recorded drafting time' if meta.get('paced') else 'saturating (no drafting time between rounds)'}. "
            f"{meta['pinning']}. {meta['machine']}, torch {meta['torch']}; load average "
            f"{meta['load_avg_start']} → {meta.get('load_avg_end')}.", ""]  # fmt: skip
     for name, flags in meta["worker_configs"].items():

@@ -50,7 +50,7 @@ def _args(**kw) -> argparse.Namespace:
 def test_replay_gets_the_recorded_answers_and_catches_a_difference(dev_broker, tiny_pair, tmp_path) -> None:
     """Three concurrent replays of each recorded generation (seeded T = 0.8, speculative and
     cloud-only) get exactly the recorded verdicts and tokens; a recording with one changed token is
-    reported as a mismatch at that step."""
+    reported as a mismatch at that step; a paced replay waits the recorded drafting time."""
     from edge_agent.mqtt_link import MqttLink
 
     draft_dir, target_dir = tiny_pair
@@ -93,6 +93,25 @@ def test_replay_gets_the_recorded_answers_and_catches_a_difference(dev_broker, t
             assert gen.mismatch is not None and gen.mismatch.startswith(f"step {k} (draft)")
         finally:
             replayer.close()
+        # Paced: each block waits its recorded drafting time (here 50 ms) before it is sent.
+        paced = Replayer(cfg, round_timeout_s=30, pace=True)
+        paced.connect()
+        try:
+            rec = only(recs, SPECULATIVE)[0]
+            slow = dataclasses.replace(
+                rec, steps=tuple(dataclasses.replace(s, draft_ms=50.0) for s in rec.steps)
+            )
+            paced.run([("tpace", [slow])], duration_s=None, drain_s=60)
+            (gen,) = paced.generations
+            assert gen.complete
+            assert gen.t_end - gen.t_start >= 0.05 * len(rec.steps)
+            # a round's latency is send -> answer: the drafting wait is not in it
+            assert (
+                sum(r.latency_ms for r in paced.rounds) / 1e3 + 0.05 * len(rec.steps)
+                <= gen.t_end - gen.t_start
+            )
+        finally:
+            paced.close()
     finally:
         wp.terminate()
 
