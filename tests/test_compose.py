@@ -141,6 +141,7 @@ def test_worker_healthcheck_probes_the_metrics_endpoint():
         def do_GET(self):
             self.send_response(200 if self.path == "/metrics" else 404)
             self.end_headers()
+            self.wfile.write(b"spececd_worker_broker_connected 1.0\n")  # healthy: see tests/test_ops.py
 
         def log_message(self, *args):
             pass

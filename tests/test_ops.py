@@ -105,6 +105,40 @@ def test_worker_counts_evictions(dev_broker, uid, mqtt_clients, tmp_path) -> Non
         worker.stop()
 
 
+@pytest.mark.parametrize(("body", "healthy"), [
+    (b"spececd_worker_broker_connected 1.0\n", True),
+    (b"spececd_worker_broker_connected 0.0\n", False),  # running, but off the broker
+    (b"process_cpu_seconds_total 1.0\n", False),
+])  # fmt: skip
+def test_worker_healthcheck_needs_the_broker(body, healthy) -> None:
+    import http.server
+    import os
+    import sys
+    import threading
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "SPECECD_METRICS_LISTEN": f"0.0.0.0:{server.server_port}"}
+        script = ROOT / "deploy" / "docker" / "healthcheck.py"
+        rc = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, timeout=30
+        ).returncode
+        assert rc == (0 if healthy else 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ------------------------------------------------------------------ dashboard and alerts
 def test_alert_rules_and_prometheus_config_pass_promtool() -> None:
     for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"],

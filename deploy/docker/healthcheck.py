@@ -1,14 +1,20 @@
-"""Container health check of a SpecECD worker: GET its Prometheus endpoint (stdlib only).
+"""Container health check of a SpecECD worker: its Prometheus endpoint answers and says the
+worker is connected to the broker (stdlib only, no model libraries: it runs every 30 s).
 
 The address comes from SPECECD_METRICS_LISTEN (HOST:PORT; a wildcard host is probed on
-loopback), default 127.0.0.1:9464. Exit 0 when it answers 200, 1 otherwise.
+loopback), default 127.0.0.1:9464. Exit 0 when ``/metrics`` answers 200 with
+``spececd_worker_broker_connected 1``, 1 otherwise (down, still loading its model — the worker
+serves metrics once loaded — or off the broker).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import urllib.request
+
+_CONNECTED = re.compile(rb"^spececd_worker_broker_connected(?:\{[^}]*\})? 1(?:\.0)?$", re.M)
 
 
 def main() -> int:
@@ -21,11 +27,16 @@ def main() -> int:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=4) as resp:
-            ok = resp.status == 200
+            ok, body = resp.status == 200, resp.read()
     except OSError as exc:
         print(f"unhealthy: {url}: {exc}", file=sys.stderr)
         return 1
-    return 0 if ok else 1
+    if not ok:
+        return 1
+    if not _CONNECTED.search(body):
+        print(f"unhealthy: {url} says the worker is not connected to the broker", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
