@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cloud_worker.local_link import LocalLink
 from cloud_worker.verifier import Verifier
-from edge_agent.drafter import Drafter
+from edge_agent.drafter import Drafter, make_drafter
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import GenerateOptions, SessionState, generate
 from shared.models import LoadedModel, check_tokenizers_compatible, encode_prompt, load_model
@@ -20,7 +20,7 @@ from shared.models import LoadedModel, check_tokenizers_compatible, encode_promp
 class InProcessPair:
     """A draft and a target model wired together in this process."""
 
-    draft: LoadedModel
+    draft: LoadedModel  # or a LlamaCppDraft (edge_agent.drafter_llamacpp): both quack alike here
     target: LoadedModel
     drafter: Drafter
     verifier: Verifier
@@ -38,7 +38,7 @@ class InProcessPair:
     def from_models(cls, draft: LoadedModel, target: LoadedModel, *, max_sessions: int = 8) -> InProcessPair:
         check_tokenizers_compatible(draft, target)
         verifier = Verifier(target, worker_id="in-process", max_sessions=max_sessions)
-        return cls(draft, target, Drafter(draft), verifier, LocalLink(verifier))
+        return cls(draft, target, make_drafter(draft), verifier, LocalLink(verifier))
 
     def encode_prompt(self, prompt: str, *, chat: bool = True) -> list[int]:
         return encode_prompt(self.draft.tokenizer, prompt, chat=chat)

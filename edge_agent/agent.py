@@ -1,7 +1,8 @@
 """``EdgeAgent``: the edge's library API, used by the CLI, the local HTTP API and the benchmark.
 
-One draft model is shared by every generation; each generation gets its own ``Drafter`` (its
-own KV cache) and a lock serializes forward passes, so several requests can be in flight while
+One draft model (torch, or a GGUF run by llama.cpp: ``edge_agent.drafter.load_draft``) is shared
+by every generation; each generation gets its own drafter (its own KV state) and a lock
+serializes forward passes, so several requests can be in flight while
 others wait on the network. Observers (metrics, logs) are told of every finished round and
 generation.
 """
@@ -12,12 +13,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from edge_agent.drafter import Drafter
+from edge_agent.drafter import make_drafter
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import GenerateOptions, RoundStats, SessionState, TokenEvent, generate
 from shared.link import VerifierLink
 from shared.models import LoadedModel, encode_prompt
+
+if TYPE_CHECKING:
+    from edge_agent.drafter_llamacpp import LlamaCppDraft
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,9 @@ ResultObserver = Callable[[GenerationResult, GenerateOptions], None]
 class EdgeAgent:
     """Generates text on the edge: draft model here, verification through ``link``."""
 
-    def __init__(self, draft: LoadedModel, link: VerifierLink | None, *, defaults: GenerateOptions) -> None:
+    def __init__(
+        self, draft: LoadedModel | LlamaCppDraft, link: VerifierLink | None, *, defaults: GenerateOptions
+    ) -> None:
         self.draft = draft
         self.tokenizer = draft.tokenizer
         self.link = link
@@ -58,7 +65,7 @@ class EdgeAgent:
     ) -> Iterator[TokenEvent]:
         """Token events of one generation, as they come. Observers see each finished round."""
         opts = opts or self.defaults
-        drafter = None if opts.mode == "cloud-only" else Drafter(self.draft, lock=self._model_lock)
+        drafter = None if opts.mode == "cloud-only" else make_drafter(self.draft, lock=self._model_lock)
         if opts.mode != "edge-only" and self.link is None:
             raise ValueError(f"mode {opts.mode!r} needs a link to the cloud; this agent has none")
         last_round = None

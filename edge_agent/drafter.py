@@ -11,6 +11,7 @@ conditioned on exactly the committed prefix, so they are reused as the next bloc
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,13 @@ class DraftBlock:
 
 
 class Drafter:
-    """Proposes draft blocks from the draft model and rolls back to what the verifier kept."""
+    """Proposes draft blocks from the draft model and rolls back to what the verifier kept.
+
+    This class runs a transformers model in torch; ``edge_agent.drafter_llamacpp.LlamaCppDrafter``
+    runs a GGUF through llama.cpp. They differ only in ``_logits`` (feed what the cache lacks,
+    return the last position's logits) and ``_crop`` (forget cached positions): the sampling, the
+    sparse q and the pending-draft bookkeeping below are one code path for both backends.
+    """
 
     def __init__(
         self, loaded: LoadedModel, *, sparse_k: int = DEFAULT_SPARSE_K, lock: threading.Lock | None = None
@@ -53,14 +60,17 @@ class Drafter:
         # Several drafters (one per concurrent generation) may share one model; the lock keeps
         # their forward passes from running at once on the same weights and cores.
         self.lock = lock if lock is not None else contextlib.nullcontext()
-        self.model = loaded.model
         self.vocab_size = loaded.vocab_size
         self.sparse_k = sparse_k
         self.params = SamplingParams()
         self.committed: list[int] = []
         self.pending: list[tuple[int, SparseDist | None]] = []  # drafts after `committed`
-        self.cache = DynamicCache()
         self.cache_len = 0
+        self._init_backend()
+
+    def _init_backend(self) -> None:
+        self.model = self.loaded.model
+        self.cache = DynamicCache()
 
     def reset(self, ctx: list[int], params: SamplingParams) -> None:
         """Start a generation from the context ``ctx`` (at least one token)."""
@@ -69,22 +79,31 @@ class Drafter:
         self.params = params
         self.committed = list(ctx)
         self.pending = []
-        self.cache = DynamicCache()
         self.cache_len = 0
+        self._init_backend()
 
     def _sequence(self) -> list[int]:
         return self.committed + [t for t, _ in self.pending]
 
     @torch.inference_mode()
-    def _draft_one(self) -> None:
-        """Feed what the cache lacks, sample the next draft from exactly its sparse q."""
-        seq = self._sequence()
+    def _logits(self, seq: list[int]) -> torch.Tensor:
+        """Feed ``seq[cache_len:]`` (never empty) and return the logits ``[V]`` after ``seq``."""
         with self.lock:
             logits = forward_cached(self.model, seq[self.cache_len :], self.cache)[
                 -1, : self.vocab_size
             ]  # [V]
         self.cache_len = len(seq)
-        probs = logits_to_probs(logits, self.params).cpu()  # [V]
+        return logits
+
+    def _crop(self, keep: int) -> None:
+        """Forget cached positions from ``keep`` on."""
+        self.cache_len = crop(self.cache, self.cache_len, keep)
+
+    @torch.inference_mode()
+    def _draft_one(self) -> None:
+        """Feed what the cache lacks, sample the next draft from exactly its sparse q."""
+        seq = self._sequence()
+        probs = logits_to_probs(self._logits(seq), self.params).cpu()  # [V]
         if self.params.greedy:
             self.pending.append((int(probs.argmax()), None))
             return
@@ -130,10 +149,77 @@ class Drafter:
         self.committed.extend(tokens)
         after = self._sequence()
         lcp = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(before))
-        self.cache_len = crop(self.cache, self.cache_len, min(lcp, len(after) - 1))
+        self._crop(min(self.cache_len, lcp, len(after) - 1))
 
     def rollback(self) -> None:
         """Drop every draft (a round abandoned without a verdict). The last committed token
         leaves the cache too, so the next forward has something to feed."""
         self.pending = []
-        self.cache_len = crop(self.cache, self.cache_len, min(self.cache_len, len(self.committed) - 1))
+        self._crop(min(self.cache_len, len(self.committed) - 1))
+
+
+DRAFT_BACKENDS = ("auto", "torch", "llama.cpp")
+
+
+def resolve_backend(spec: str, backend: str = "auto") -> str:
+    """ "torch" or "llama.cpp" for the draft ``spec``: "auto" runs a ``.gguf`` file with llama.cpp
+    when llama-cpp-python is installed (else converts it for torch, with a warning)."""
+    if backend not in DRAFT_BACKENDS:
+        raise ValueError(f"draft backend {backend!r} is unknown: use one of {', '.join(DRAFT_BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if not str(spec).lower().endswith(".gguf"):
+        return "torch"
+    from edge_agent.drafter_llamacpp import llama_cpp_available
+
+    if llama_cpp_available():
+        return "llama.cpp"
+    logging.getLogger(__name__).warning(
+        "llama-cpp-python is not installed: converting the GGUF draft %s for torch instead "
+        "(pip install 'spececd[llamacpp]' runs it directly, smaller and faster)",
+        spec,
+    )
+    return "torch"
+
+
+def load_draft(
+    spec: str,
+    *,
+    backend: str = "auto",
+    threads: int = 0,
+    target: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    offline: bool = True,
+):
+    """Load the draft model for ``backend`` (see :func:`resolve_backend`).
+
+    torch: ``shared.models.load_model`` (a GGUF is converted once); ``threads`` > 0 sets torch's
+    thread count. llama.cpp: the GGUF itself, ``threads`` llama.cpp threads (0: the cores this
+    process may use), the tokenizer of ``target`` (checked against the GGUF's vocabulary)."""
+    kind = resolve_backend(spec, backend)
+    if kind == "llama.cpp":
+        if not str(spec).lower().endswith(".gguf"):
+            from shared.errors import ModelLoadError
+
+            raise ModelLoadError(
+                spec, ["draft backend llama.cpp"], "the llama.cpp backend runs a .gguf file: pass one as "
+                "--draft, or use --draft-backend torch for a folder or hub id",
+            )  # fmt: skip
+        from edge_agent.drafter_llamacpp import load_llamacpp_draft
+
+        return load_llamacpp_draft(spec, threads=threads, tokenizer=target)
+    from shared.models import load_model
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return load_model(spec, device=device, dtype=dtype, offline=offline)
+
+
+def make_drafter(draft, *, lock: threading.Lock | None = None, sparse_k: int = DEFAULT_SPARSE_K) -> Drafter:
+    """A fresh drafter (its own KV state) for a draft made by :func:`load_draft`."""
+    if getattr(draft, "backend", "torch") == "llama.cpp":
+        from edge_agent.drafter_llamacpp import LlamaCppDrafter
+
+        return LlamaCppDrafter(draft, lock=lock, sparse_k=sparse_k)
+    return Drafter(draft, lock=lock, sparse_k=sparse_k)
