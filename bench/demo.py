@@ -2,7 +2,9 @@
 
 Fetches and verifies the demo pair (cached after the first time), starts our own Mosquitto with
 ``broker/mosquitto-dev.conf`` on a free port, one worker (``spececd-worker``, pinned to its own
-core), and the edge agent in this process, then streams a completion with a live status line.
+core, torch target), and the edge agent in this process (the draft's quantized GGUF run by
+llama.cpp, no fp32 conversion; ``--draft-backend torch`` converts it instead), then streams a
+completion with a live status line.
 Ctrl-C or the end stops every process it started.
 """
 
@@ -31,7 +33,7 @@ def check_prerequisites() -> None:
 
 
 def ensure_models() -> tuple[Path, Path]:
-    """The demo pair's folders, fetching and converting them the first time (with progress)."""
+    """(draft GGUF, target folder), fetching them the first time (with progress)."""
     from shared.demo import demo_model_paths, fetch_demo
 
     paths = demo_model_paths()
@@ -76,14 +78,16 @@ class StatusLine:
         print(f"\n\n[{line}]", file=sys.stderr, flush=True)
 
 
-def run(prompt: str, *, max_new_tokens: int, gamma: int, temperature: float) -> int:
+def run(
+    prompt: str, *, max_new_tokens: int, gamma: int, temperature: float, draft_backend: str = "auto"
+) -> int:
     import torch
 
     from bench.procs import Procs
     from edge_agent.agent import EdgeAgent
+    from edge_agent.drafter import load_draft
     from edge_agent.mqtt_link import MqttLink
     from edge_agent.speculative import SRC_DRAFT, SRC_FALLBACK, GenerateOptions
-    from shared.models import load_model
     from shared.mqtt import BrokerConfig
     from shared.sampling import SamplingParams
 
@@ -102,7 +106,9 @@ def run(prompt: str, *, max_new_tokens: int, gamma: int, temperature: float) -> 
             os.sched_setaffinity(0, {cores[0]})
             torch.set_num_threads(1)
         print(f"edge: loading draft model {draft_dir.name}", file=sys.stderr)
-        draft = load_model(str(draft_dir))
+        # one thread on the edge's core; the target's tokenizer encodes the prompt
+        draft = load_draft(str(draft_dir), backend=draft_backend, threads=1, target=str(target_dir))
+        print(f"edge: draft runs on {getattr(draft, 'backend', 'torch')}", file=sys.stderr)
         link = MqttLink(BrokerConfig(host=host, port=port), device="demo-edge", round_timeout_s=30.0)
         link.connect()
         t0 = time.monotonic()
@@ -156,11 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--draft-backend", choices=("auto", "torch", "llama.cpp"), default="auto",
+        help="the draft's runtime (auto: llama.cpp for the GGUF draft when installed)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return run(
-            args.prompt, max_new_tokens=args.max_new_tokens, gamma=args.gamma, temperature=args.temperature
-        )
+            args.prompt, max_new_tokens=args.max_new_tokens, gamma=args.gamma, temperature=args.temperature,
+            draft_backend=args.draft_backend,
+        )  # fmt: skip
     except KeyboardInterrupt:
         print("\ninterrupted: every process the demo started is stopped", file=sys.stderr)
         return 130

