@@ -9,6 +9,7 @@ streamed pieces always add up to the non-streamed text.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -55,6 +56,12 @@ NEUTRAL = {
     "parallel_tool_calls": (None, False, True),
     "response_format": (None, {"type": "text"}),
     "service_tier": (None, "auto", "default"),
+    # OpenAI's, not implemented here: only an explicit null is accepted
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
 }
 SPECECD_FIELDS = ("mode", "gamma")
 
@@ -225,7 +232,7 @@ def check_fields(body: dict, kind: str) -> None:
                 continue
             raise _bad(
                 f"'{name}' is not supported by this API (SpecECD implements: {', '.join(sorted(FIELDS[kind]))}); "
-                f"remove it or send {NEUTRAL[name][-1]!r}",
+                f"remove it or send {json.dumps(NEUTRAL[name][-1])}",
                 name,
                 "unsupported_parameter",
             )

@@ -52,6 +52,7 @@ REFUSED = [
     ("logit_bias", {"1": 5}, "completion"),
     ("best_of", 2, "completion"),
     ("suffix", "end", "completion"),
+    ("reasoning_effort", "high", "chat"),
     ("typo_field", 1, "chat"),
 ]
 
@@ -92,7 +93,9 @@ def test_misspelt_spececd_option_is_refused(server) -> None:
 def test_top_k_is_implemented(client) -> None:
     kw = dict(model=MODEL, prompt="The edge device runs", max_tokens=12)
     greedy = client.completions.create(temperature=0, **kw).choices[0].text
-    sampled = client.completions.create(temperature=1.5, seed=3, extra_body={"top_k": 1}, **kw).choices[0].text
+    sampled = (
+        client.completions.create(temperature=1.5, seed=3, extra_body={"top_k": 1}, **kw).choices[0].text
+    )
     assert sampled == greedy  # top-1 sampling is greedy whatever the temperature
 
 
@@ -195,7 +198,9 @@ def test_a_dropped_non_streaming_request_stops_its_generation(models) -> None:  
         sock.close()  # the client goes away
         deadline = time.monotonic() + 10
         while app.state.api.gate.active:
-            assert time.monotonic() < deadline, f"still generating after the client left ({link.calls} rounds)"
+            assert time.monotonic() < deadline, (
+                f"still generating after the client left ({link.calls} rounds)"
+            )
             time.sleep(0.05)
         assert link.calls < 100  # 400 tokens at gamma 1 would take ~200+ rounds
     finally:
