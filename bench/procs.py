@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.config_keys import DEFAULT_MAX_SESSIONS
+
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONF = REPO / "broker" / "mosquitto-dev.conf"
 
@@ -127,7 +129,7 @@ class Procs:
         draft_name: str,
         worker_id: str,
         cores: set[int] | None,
-        max_sessions: int = 4,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> tuple[subprocess.Popen, Path]:
         """``python -m cloud_worker.cli`` (spececd-worker) on ``cores``, one thread (readiness: see the caller)."""
         argv = [sys.executable, "-m", "cloud_worker.cli", "--broker", f"{broker[0]}:{broker[1]}",

@@ -174,6 +174,9 @@ def test_max_sessions_has_one_default():
     assert load_config("worker", None, env={}).max_sessions == DEFAULT_MAX_SESSIONS
     assert VERIFIER_DEFAULT == DEFAULT_MAX_SESSIONS
     assert inspect.signature(Worker).parameters["max_sessions"].default == DEFAULT_MAX_SESSIONS
+    from bench.procs import Procs
+
+    assert inspect.signature(Procs.start_worker).parameters["max_sessions"].default == DEFAULT_MAX_SESSIONS
 
 
 @pytest.mark.parametrize("device", ["mps", "cuda:99"])
