@@ -79,8 +79,10 @@ def run_assisted(
 ) -> AssistedResult:
     """One assisted generation of up to ``opts.max_new_tokens`` tokens after ``prompt_ids``."""
     gc = draft.model.generation_config
-    gc.num_assistant_tokens = opts.gamma
-    gc.num_assistant_tokens_schedule = "constant"
+    if opts.gamma == "auto":  # transformers' own adaptive schedule: +2 after a fully accepted block, else -1
+        gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = 4, "heuristic"
+    else:
+        gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = opts.gamma, "constant"
     gc.assistant_confidence_threshold = 0.0
     p = opts.params
     sampling: dict = {"do_sample": False}

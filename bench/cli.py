@@ -26,6 +26,11 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 DEFAULT_MODES = ",".join(m for m in MODES if m != "speculative-seq")  # the five of the original suite
 
 
+def _gamma(text: str) -> int | str:
+    """A γ of the sweep: an integer, or 'auto' (the edge's adaptive γ controller)."""
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
 def _list(kind):
     def parse(text: str) -> list:
         try:
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(MODES)} (default {DEFAULT_MODES})",
     )
     ap.add_argument(
-        "--gamma", type=_list(int), default=[4], help="draft tokens per round: one or a comma list"
+        "--gamma", type=_list(_gamma), default=[4],
+        help="draft tokens per round: one or a comma list; 'auto' = the adaptive controller (e.g. 1,2,3,4,6,auto)",
     )
     ap.add_argument(
         "--temperature", type=_list(float), default=[0.0], help="one or a comma list (0 = greedy)"
@@ -139,8 +145,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--iterations must be >= 1")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    if any(not 1 <= g <= 64 for g in args.gamma):
-        raise UsageError("--gamma values must be in 1..64")
+    if any(g != "auto" and not 1 <= g <= 64 for g in args.gamma):
+        raise UsageError("--gamma values must be in 1..64 (or 'auto')")
     if any(t < 0 for t in args.temperature) or any(r < 0 for r in args.rtt_ms):
         raise UsageError("--temperature and --rtt-ms must be >= 0")
     bad = [m for m in args.modes if m not in MODES]

@@ -84,8 +84,11 @@ def round_breakdown(report: dict, path: Path) -> None:
 def gamma_sweep(report: dict, path: Path) -> None:
     """Lines: tokens/s against γ for each (mode, T, RTT) measured at several γ."""
     series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    auto: dict[tuple, float] = {}  # γ = auto: a dotted line at its tok/s, in the series' colour
     for e in report["cells"]:
-        if e["gamma"] is not None:
+        if e["gamma"] == "auto":
+            auto[(e["mode"], e["temperature"], e["rtt_ms"])] = e["overall"]["tokens_per_s"]
+        elif e["gamma"] is not None:
             series[(e["mode"], e["temperature"], e["rtt_ms"])].append(
                 (e["gamma"], e["overall"]["tokens_per_s"])
             )
@@ -95,6 +98,9 @@ def gamma_sweep(report: dict, path: Path) -> None:
         label = f"{mode} T={temp:g}" + ("" if rtt is None else f" rtt={rtt:g}ms")
         ax.plot([g for g, _ in pts], [v for _, v in pts], marker="o", label=label,
                 color=_COLORS.get(mode), linestyle="-" if temp == 0 else "--")  # fmt: skip
+    for (mode, temp, rtt), tps in sorted(auto.items(), key=str):
+        ax.axhline(tps, color=_COLORS.get(mode), linestyle=":", linewidth=1.5,
+                   label=f"{mode} T={temp:g}" + ("" if rtt is None else f" rtt={rtt:g}ms") + " γ=auto")  # fmt: skip
     for e in report["cells"]:  # baselines without γ as horizontal lines
         if e["mode"] in ("cloud-only", "edge-only"):
             ax.axhline(e["overall"]["tokens_per_s"], color=_COLORS[e["mode"]], linewidth=0.8,

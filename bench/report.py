@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from bench import gamma_report
 from bench.runner import TARGET_MODES, Cell
 
 ASSESSMENT = ((0.5, "EXCELLENT"), (0.3, "GOOD"), (0.1, "MODERATE"))
@@ -137,6 +138,7 @@ def build_report(cells: list[Cell], runs: list[dict], meta: dict) -> dict:
         "meta": {**meta, "acceptance_definition": ACCEPTANCE_DEFINITION},
         "cells": entries,
         "agreement": agreement(cells, runs),
+        "gamma_auto": gamma_report.auto_vs_fixed(runs),  # auto vs the fixed-γ sweep (issue 13 targets)
         "runs": runs,
     }
 
@@ -223,6 +225,7 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
                 or "none"
             )
             lines.append(f"| {a['cell']} | {a['reference']} | {a['identical']}/{a['compared']} | {d} |")
+    lines += gamma_report.markdown(report.get("gamma_auto", []))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     return "\n".join(lines) + "\n"

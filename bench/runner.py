@@ -50,7 +50,7 @@ class Cell:
 
     mode: str
     temperature: float
-    gamma: int | None = None
+    gamma: int | str | None = None  # a fixed γ or "auto" (the adaptive controller)
     rtt_ms: float | None = None
 
     @property
@@ -76,7 +76,7 @@ class Cell:
 
 
 def make_cells(
-    modes: list[str], temperatures: list[float], gammas: list[int], rtts: list[float]
+    modes: list[str], temperatures: list[float], gammas: list[int | str], rtts: list[float]
 ) -> list[Cell]:
     """Every distinct cell of the sweep (a mode that ignores γ or RTT appears once per value of the rest)."""
     unknown = [m for m in modes if m not in MODES]
@@ -84,7 +84,7 @@ def make_cells(
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
     cells: list[Cell] = []
     for mode, temp in itertools.product(modes, temperatures):
-        gs: list[int | None] = list(gammas) if mode in GAMMA_MODES else [None]
+        gs: list[int | str | None] = list(gammas) if mode in GAMMA_MODES else [None]
         rs: list[float | None] = list(rtts) if mode in NETWORK_MODES else [None]
         for g, r in itertools.product(gs, rs):
             cell = Cell(mode, float(temp), g, None if r is None else float(r))
@@ -106,6 +106,9 @@ def round_record(r: RoundStats) -> dict:
         "link_ms": round(r.link_ms, 3),
         "noncompute_ms": round(r.link_ms - r.verify_ms, 3),  # encode + network + broker + queue + decode
         "prefetched": r.prefetched,  # drafts made ahead during the previous verify
+        "pred_tokens": round(r.pred_tokens, 3),  # the γ controller's prediction for this round
+        "pred_ms": round(r.pred_ms, 3),
+        "gamma_reason": r.gamma_reason,
         "bytes_up": r.bytes_up,
         "bytes_down": r.bytes_down,
     }
