@@ -102,6 +102,8 @@ def cmd_generate(args: argparse.Namespace, cfg: EdgeConfig) -> int:
             "rounds": result.rounds_as_dicts(),
         }
         print(json.dumps(out))
+    elif cfg.log_json:  # stderr carries only JSON lines
+        log.info("generation done", extra=result.summary())
     else:
         s = result.summary()
         acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.2f}"

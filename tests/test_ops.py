@@ -212,3 +212,25 @@ def test_tap_timeout_without_count_says_how_many(dev_broker, capsys) -> None:
     assert main([filt, "--broker", f"{cfg.host}:{cfg.port}", "--timeout", "0.5"]) == 1
     err = capsys.readouterr().err
     assert "(0 messages)" in err and "of 0" not in err
+
+
+def test_json_logs_of_a_real_run_are_only_json_lines(tmp_path) -> None:
+    """The reproduction: a CLI run with --log-json printed transformers' progress bars between
+    the JSON lines."""
+    import os
+    import sys
+
+    from tests.tiny import make_tiny_model_dir
+
+    draft = make_tiny_model_dir(tmp_path / "draft", seed=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    cmd = [sys.executable, "-m", "edge_agent.cli", "generate", "hi", "--raw", "--mode", "edge-only",
+           "--draft", str(draft), "--max-new-tokens", "3", "--log-json", "--log-level", "debug"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines, "no log lines at all"
+    for line in lines:
+        record = json.loads(line)  # every line is one JSON object: no bars, no raw library output
+        assert "\x1b" not in line and "color_message" not in record
