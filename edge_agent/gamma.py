@@ -31,8 +31,9 @@ not depend on it: γ only changes how many tokens are proposed.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GAMMA_AUTO = "auto"
 REEXPLORE = 64  # rounds after which a verify time measured once is doubted (and may be re-tried)
@@ -141,12 +142,14 @@ class GammaController:
         self._queue = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
+        self._measured = False  # costs known (from a round of this session or an earlier one)
 
     # ------------------------------------------------------------------ learning
     def observe(self, obs: Observation) -> None:
         """Fold one finished round into the estimates."""
         f = self.priors.forget
         self.rounds += 1
+        self._measured = True
         judged = min(obs.n_acc + 1, obs.gamma)
         self._acc = self._acc * f + obs.n_acc
         self._rej = self._rej * f + (judged - obs.n_acc)
@@ -218,7 +221,7 @@ class GammaController:
         cap = self.priors.gamma_max
         if remaining is not None:
             cap = max(1, min(cap, remaining - 1))
-        if self.rounds == 0:
+        if not self._measured:
             g = min(self.priors.gamma, cap)
             tokens, ms = self.predict(g, ready=ready)
             return GammaDecision(g, tokens, ms, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
@@ -229,10 +232,27 @@ class GammaController:
     def lookahead(self, gamma: int) -> int:
         """How many tokens to draft ahead while a block of ``gamma`` is verified: the bonus
         candidate plus the block the controller would pick if they were all free."""
-        if self.fixed is not None or self.rounds == 0:
+        if self.fixed is not None or not self._measured:
             return gamma + 1
         free = max(range(1, self.priors.gamma_max + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
         return max(gamma, free) + 1
+
+    def successor(self, *, fixed: int | None = None) -> GammaController:
+        """A controller for the next session of the same draft model and link: it keeps what
+        this one measured of the device, the network and the worker (draft cost, round trip,
+        queue, batch occupancy, verify cost by positions), and starts from this session's α̂ as
+        its acceptance prior (a new prompt may accept differently: the prior's weight stays
+        ``alpha_weight``). Its first round then needs no guess."""
+        nxt = GammaController(replace(self.priors, alpha=min(max(self.alpha, 0.02), 0.98)), fixed=fixed)
+        nxt._draft, nxt._net, nxt._queue, nxt._others = (
+            copy.copy(self._draft),
+            copy.copy(self._net),
+            copy.copy(self._queue),
+            copy.copy(self._others),
+        )
+        nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
+        nxt._measured = self._measured
+        return nxt
 
     def _reason(self, gamma: int, ready: int, cap: int) -> str:
         others = round(self._others.mean(0.0))

@@ -17,8 +17,10 @@ model alone, flagging every such token; ``wait``: block until it is back; ``fail
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -207,9 +209,38 @@ def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats,
     return verdict, link.last, (time.perf_counter() - t0) * 1e3  # `last` is per thread: read it here
 
 
-def gamma_controller(opts: GenerateOptions) -> GammaController:
-    """The per-session γ controller of ``opts``: adaptive for ``"auto"``, else pinned (it then only predicts)."""
+# What the last session of each (link, draft model) measured, so the next one starts warm
+# (draft cost, round trip, verify cost by positions; its α̂ as the next prior). Keyed by ids,
+# checked against a weak reference (an id can be reused after the object is gone); bounded.
+_LEARNED: dict[tuple[int, int], tuple[weakref.ref, GammaController]] = {}
+_LEARNED_MAX = 64
+_learned_lock = threading.Lock()
+
+
+def _learned(drafter: Drafter, link: VerifierLink) -> GammaController | None:
+    with _learned_lock:
+        ref, ctrl = _LEARNED.get((id(link), id(getattr(drafter, "loaded", drafter))), (None, None))
+    return ctrl if ref is not None and ref() is link else None
+
+
+def _remember(drafter: Drafter, link: VerifierLink, ctrl: GammaController) -> None:
+    try:
+        ref = weakref.ref(link)
+    except TypeError:  # a link without weak references: nothing is remembered
+        return
+    with _learned_lock:
+        _LEARNED[(id(link), id(getattr(drafter, "loaded", drafter)))] = (ref, ctrl)
+        while len(_LEARNED) > _LEARNED_MAX:
+            _LEARNED.pop(next(iter(_LEARNED)))
+
+
+def gamma_controller(opts: GenerateOptions, previous: GammaController | None = None) -> GammaController:
+    """The per-session γ controller of ``opts``: adaptive for ``"auto"``, else pinned (it then
+    only predicts). ``previous``: the last session's controller on the same link and draft model,
+    whose measurements it starts from (unless ``opts.gamma_priors`` asks for other priors)."""
     fixed = None if opts.gamma == GAMMA_AUTO else int(opts.gamma)
+    if previous is not None and opts.gamma_priors in (None, previous.priors):
+        return previous.successor(fixed=fixed)
     return GammaController(opts.gamma_priors, fixed=fixed)
 
 
@@ -217,7 +248,7 @@ def _speculative(
     drafter: Drafter, link: VerifierLink, prompt_ids: list[int], opts: GenerateOptions, st: SessionState
 ) -> Iterator[TokenEvent]:
     drafter.reset(prompt_ids, opts.params)
-    ctrl = gamma_controller(opts)
+    ctrl = gamma_controller(opts, _learned(drafter, link))
     # With pipelining the verify call runs in this helper thread while the drafter runs ahead.
     pool = ThreadPoolExecutor(1, thread_name_prefix="spececd-verify") if opts.pipeline else None
     try:
@@ -296,6 +327,8 @@ def _speculative(
             pool.shutdown(wait=True)
         if st.open:
             _close_quietly(link, st)
+        if ctrl.rounds:
+            _remember(drafter, link, ctrl)
 
 
 def _fallback_until_back(drafter: Drafter, link: VerifierLink, opts: GenerateOptions) -> Iterator[TokenEvent]:

@@ -58,7 +58,7 @@ def scripted(monkeypatch):
     """``use(schedule)``: the next generations play ``schedule``."""
 
     def use(schedule: list[int]) -> None:
-        monkeypatch.setattr(spec, "gamma_controller", lambda opts: Scripted(schedule))
+        monkeypatch.setattr(spec, "gamma_controller", lambda opts, previous=None: Scripted(schedule))
 
     return use
 
@@ -129,12 +129,28 @@ def test_varying_gamma_gives_the_exact_tokens(models, pair, scripted, params, pi
     assert {r.gamma_reason for r in res.rounds} == {"scripted"}
 
 
-def test_greedy_with_auto_gamma_equals_fixed_gamma(pair) -> None:
-    fixed = pair.run(PROMPT, GenerateOptions(gamma=3, max_new_tokens=N, params=GREEDY))
+def test_greedy_with_auto_gamma_equals_fixed_gamma(models) -> None:
+    pair = InProcessPair.from_models(models["draft"], models["target"])
     auto = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
+    fixed = pair.run(PROMPT, GenerateOptions(gamma=3, max_new_tokens=N, params=GREEDY))
     assert auto.token_ids == fixed.token_ids
     assert auto.rounds[0].gamma_reason.startswith("prior") and all(r.gamma_reason for r in auto.rounds)
     assert {r.gamma_reason for r in fixed.rounds} == {"fixed"}
+    assert fixed.rounds[0].pred_ms > 0  # the fixed run's predictions start from the auto run's measurements
+
+
+def test_next_session_starts_from_what_the_last_one_measured(models) -> None:
+    pair = InProcessPair.from_models(models["draft"], models["target"])
+    first = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
+    second = pair.run([5, 17, 42], GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
+    assert first.rounds[0].gamma_reason.startswith("prior") and first.rounds[0].gamma == 4
+    assert second.rounds[0].gamma_reason.startswith("α̂") and second.rounds[0].pred_ms > 0
+    other = InProcessPair.from_models(models["draft"], models["target"])  # another link: nothing carried
+    assert (
+        other.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=4))
+        .rounds[0]
+        .gamma_reason.startswith("prior")
+    )
 
 
 @pytest.mark.parametrize("params", [GREEDY, NARROW], ids=["greedy", "sampled"])

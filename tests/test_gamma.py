@@ -209,3 +209,14 @@ def test_untried_gamma_is_estimated_along_the_prior_shape() -> None:
     assert ctrl.verify_ms(5) == 100.0
     assert ctrl.verify_ms(9) == pytest.approx(100.0 * (1 + 0.1 * 8) / (1 + 0.1 * 4))
     assert ctrl.verify_ms(2) == pytest.approx(100.0 * 2 / 5)  # only above: in proportion
+
+
+def test_successor_keeps_the_device_and_network_figures() -> None:
+    ctrl = GammaController()
+    simulate(ctrl, alpha=0.9, draft_ms=5.0, net_ms=80.0, verify=cpu_steps(100.0), rounds=30, seed=8)
+    nxt = ctrl.successor()
+    assert nxt.rounds == 0 and nxt.priors.alpha == pytest.approx(ctrl.alpha)
+    first = nxt.decide()
+    assert not first.reason.startswith("prior") and first.gamma == ctrl.decide().gamma
+    assert nxt.predict(first.gamma) == pytest.approx(ctrl.predict(first.gamma))
+    assert ctrl.successor(fixed=2).decide().gamma == 2
