@@ -453,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="spececd-models", description="Fetch and locate the demo model pair."
     )
+    from shared.config import add_version_argument
+
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="cmd", required=True)
     fetch = sub.add_parser("fetch-demo", help="download, verify and convert the demo pair (once)")
     fetch.add_argument(

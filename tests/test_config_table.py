@@ -234,7 +234,7 @@ def test_add_device_names_are_agent_names():
             load_config("edge", None, env={"SPECECD_DEVICE": name})
 
 
-@pytest.mark.parametrize("module", ["edge_agent.cli", "cloud_worker.cli", "shared.tap"])
+@pytest.mark.parametrize("module", ["edge_agent.cli", "cloud_worker.cli", "shared.tap", "shared.demo"])
 def test_version_flag(module):
     out = subprocess.run(
         [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120, cwd=ROOT
