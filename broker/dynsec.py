@@ -5,6 +5,8 @@ Usage (normally through add-device.sh, add-worker.sh and add-monitor.sh):
     dynsec.py FILE init                        an empty file: no clients, everything denied
     dynsec.py FILE device|worker|monitor NAME  add or re-key NAME; the password is read from stdin
     dynsec.py FILE remove NAME                 delete the client NAME (and its own role)
+    dynsec.py FILE migrate PASSWD [ACL]        import the users of an old password file (and the
+                                               `user` blocks of its acl_file) with their passwords
 
 Why the dynamic-security plugin (DESIGN §2, broker/README.md): it checks a SUBSCRIBE against
 its own ACLs (subscribeLiteral / subscribePattern), apart from what a client may receive
@@ -136,6 +138,42 @@ def remove(data: dict, name: str) -> bool:
     return len(data["clients"]) < before
 
 
+def migrate(data: dict, passwd: str, acl: str = "") -> list[str]:
+    """Import the users of a mosquitto_passwd file; return warnings for those that could not be.
+
+    mosquitto_passwd 2.0 hashes (``$7$ITERATIONS$SALT$HASH``) are PBKDF2-HMAC-SHA512 with a
+    12-byte salt, the plugin's own scheme, so passwords carry over without being known. In the
+    old acl_file a ``user NAME`` block with a write rule was a worker, one without was an operator
+    (monitor); every other user was a device.
+    """
+    blocks: dict[str, bool] = {}  # user -> has a write rule
+    user = None
+    for line in acl.splitlines():
+        words = line.split()
+        if words[:1] == ["user"] and len(words) == 2:
+            user = words[1]
+            blocks[user] = False
+        elif user is not None and words[:2] == ["topic", "write"]:
+            blocks[user] = True
+    warnings = []
+    for line in passwd.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, hashed = line.partition(":")
+        fields = hashed.split("$")
+        if not NAME_RE.fullmatch(name) or name == "workers":
+            warnings.append(f"{name!r}: not a valid SpecECD name, skipped")
+            continue
+        if len(fields) != 5 or fields[1] != "7":
+            warnings.append(f"{name}: not a mosquitto_passwd 2.0 ($7$) hash: re-key it with add-*.sh")
+            continue
+        kind = ("worker" if blocks[name] else "monitor") if name in blocks else "device"
+        add(data, kind, name, "unused")  # the roles; the hash is replaced below
+        client = next(c for c in data["clients"] if c["username"] == name)
+        client.update(password=fields[4], salt=fields[3], iterations=int(fields[2]))
+    return warnings
+
+
 def load(path: Path) -> dict:
     """The file's contents, or an empty file's when it does not exist yet."""
     if not path.exists():
@@ -156,13 +194,20 @@ def save(path: Path, data: dict) -> None:
 
 def main(argv: list[str]) -> int:
     """Command line entry point; see the module docstring."""
-    if len(argv) < 2 or argv[1] not in (*KINDS, "init", "remove"):
+    if len(argv) < 2 or argv[1] not in (*KINDS, "init", "remove", "migrate"):
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
     path, cmd = Path(argv[0]), argv[1]
     if cmd == "init":
         if not path.exists():
             save(path, empty())
+        return 0
+    if cmd == "migrate" and len(argv) in (3, 4):
+        data = load(path)
+        acl = Path(argv[3]).read_text() if len(argv) == 4 else ""
+        for warning in migrate(data, Path(argv[2]).read_text(), acl):
+            print(f"warning: {warning}", file=sys.stderr)
+        save(path, data)
         return 0
     if len(argv) != 3:
         print(f"usage: dynsec.py FILE {cmd} NAME", file=sys.stderr)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.topics import down_topic
+from shared.errors import BrokerAuthError, BrokerError
+from shared.topics import OPEN_SHARED_FILTER, down_topic
 from tests.brokers import (
     BROKER_DIR,
     PROD_USERS,
@@ -30,6 +31,7 @@ from tests.brokers import (
     free_port,
     prod_missing,
     render_conf,
+    start_broker,
 )
 from tests.brokers import _prepare_prod as prepare_prod
 
@@ -111,9 +113,6 @@ def test_retain_guard_builds_without_warnings(tmp_path):
 def test_rekey_and_remove_take_effect_at_restart(tmp_path):
     """add-device.sh on an existing name replaces its password; dynsec.py remove deletes the
     client and its role. The plugin reads the file at start, so the broker is restarted."""
-    from shared.errors import BrokerAuthError
-    from tests.brokers import start_broker
-
     broker = start_broker("prod", tmp_path / "b")
     etc = tmp_path / "b" / "etc"
     env = {**os.environ, "SPECECD_BROKER_DIR": str(etc)}
@@ -139,3 +138,44 @@ def test_rekey_and_remove_take_effect_at_restart(tmp_path):
         broker.stop()
     roles = {r["rolename"] for r in json.loads((etc / "dynamic-security.json").read_text())["roles"]}
     assert "spececd-device-devB" not in roles and "spececd-device-devA" in roles
+
+
+def test_migrating_an_acl_file_deployment_keeps_passwords_and_rights(tmp_path):
+    """`dynsec.py FILE migrate passwd acl` turns the old password file and acl_file into clients
+    with the same passwords (mosquitto_passwd 2.0 and the plugin share PBKDF2-SHA512) and roles:
+    `user` blocks with a write rule are workers, without one operators, the rest devices."""
+    old = tmp_path / "old"
+    old.mkdir()
+    passwd = old / "passwd"
+    passwd.touch()
+    for name, password in (("kitchen", "pw-k"), ("gpu1", "pw-g"), ("ops", "pw-o")):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", str(passwd), name, password], check=True, capture_output=True
+        )
+    passwd.write_text(passwd.read_text() + "legacy:$6$abc$def\n")  # a pre-2.0 hash cannot carry over
+    acl = old / "acl"
+    acl.write_text(
+        "pattern write spececd/v1/%u/open\n\nuser gpu1\ntopic read spececd/v1/+/open\n"
+        "topic write spececd/v1/+/+/down\n\nuser ops\ntopic read spececd/#\n"
+    )
+
+    broker = start_broker("prod", tmp_path / "b")
+    dynsec = tmp_path / "b" / "etc" / "dynamic-security.json"
+    proc = subprocess.run(
+        ["python3", str(BROKER_DIR / "dynsec.py"), str(dynsec), "migrate", str(passwd), str(acl)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "legacy" in proc.stderr and "re-key" in proc.stderr, proc.stderr
+    broker.users.update(kitchen="pw-k", gpu1="pw-g", ops="pw-o")
+    clients = Clients()
+    try:
+        broker.restart()
+        clients.make(broker.config("gpu1")).subscribe(OPEN_SHARED_FILTER)
+        clients.make(broker.config("ops")).subscribe("spececd/#")
+        kitchen = clients.make(broker.config("kitchen"))
+        kitchen.subscribe("spececd/v1/kitchen/+/down")
+        with pytest.raises(BrokerError, match="Not authorized"):
+            kitchen.subscribe(OPEN_SHARED_FILTER)
+    finally:
+        clients.close_all()
+        broker.stop()
