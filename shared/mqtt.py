@@ -300,7 +300,6 @@ class MqttClient:
         made on connect, then ``connected`` is set. A refused login is logged and not retried."""
         cfg = self.config
         self._background = True
-        self._paho.connect_timeout = 5.0
         self._paho.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=self._clean_start)
         self._start_loop()
 
@@ -347,18 +346,14 @@ class MqttClient:
         done: set[str] = set()
         try:
             while True:  # a subscription recorded meanwhile is made too
-                with self._lock:
+                with self._lock:  # set under the lock: a subscribe() that saw "not connected" is in todo
                     todo = [(f, q) for f, (q, _h) in self._subs.items() if f not in done]
-                if not todo:
-                    break
+                    if not todo:
+                        self.connected.set()
+                        break
                 for topic_filter, qos in todo:
                     self._subscribe_wait(topic_filter, qos, timeout=10.0)
                     done.add(topic_filter)
-                # set under the lock, so a subscribe() that saw "not connected" is in `todo`
-                with self._lock:
-                    if all(f in done for f in self._subs):
-                        self.connected.set()
-                        break
         except BrokerError as exc:
             log.warning("subscribing after a (re)connect failed (%s); will retry on the next one", exc)
             return

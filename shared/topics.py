@@ -35,6 +35,7 @@ ALL_FILTER = "spececd/#"
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+LOADING = b"loading"  # connected, model still loading: not available (edges treat it as offline)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
