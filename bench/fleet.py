@@ -281,6 +281,12 @@ def add_fleet_arguments(ap) -> None:
         help="also run the worker with batching off (today's one-session-per-forward worker)",
     )
     g.add_argument(
+        "--fleet-pace",
+        action="store_true",
+        help="wait each draft block's recorded drafting time before sending it (edges that draft, "
+        "instead of a saturating load)",
+    )
+    g.add_argument(
         "--fleet-duration",
         type=float,
         default=None,

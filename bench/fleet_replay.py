@@ -43,6 +43,8 @@ class RoundRecord:
     match: bool
     batch: int | None = None  # sessions in the worker's forward, when the verdict says
     batch_pos: int | None = None  # positions in that forward, when the verdict says
+    verify_ms: float = 0.0  # the worker's compute for this answer (its timings; summed over a decode's parts)
+    queue_ms: float = 0.0  # the wait on the worker before that compute
 
     @property
     def latency_ms(self) -> float:
@@ -76,6 +78,7 @@ class _Slot:
     epoch: int = 0
     t_send: float = 0.0
     parts: list[int] = field(default_factory=list)
+    part_ms: float = 0.0  # verify_ms summed over the decode's parts so far
     done: bool = False
     started: int = 0
 
@@ -215,7 +218,7 @@ class Replayer:
     def _send_step(self, slot: _Slot) -> None:
         assert slot.rec is not None and slot.gen is not None
         msg = with_sid(slot.rec.steps[slot.step].msg, slot.gen.sid)
-        slot.parts = []
+        slot.parts, slot.part_ms = [], 0.0
         self._send(slot, topics.up_topic(slot.device, slot.gen.sid), msg, response=True)
 
     def _end_generation(
@@ -273,14 +276,17 @@ class Replayer:
             kind = "draft"
         elif isinstance(reply, Tokens) and reply.seq == step.msg.seq:
             slot.parts.extend(reply.tok)
+            slot.part_ms += reply.verify_ms
             if not reply.done:
                 return
             got, kind = tuple(slot.parts), "decode"
         else:
             return
         match = got == tuple(step.expect)
+        verify_ms = reply.verify_ms if kind == "draft" else slot.part_ms
         self.rounds.append(RoundRecord(slot.index, slot.device, kind, slot.t_send, t, step.committed, match,
-                                       getattr(reply, "batch", None), getattr(reply, "batch_pos", None)))  # fmt: skip
+                                       getattr(reply, "batch", None), getattr(reply, "batch_pos", None),
+                                       verify_ms, reply.queue_ms))  # fmt: skip
         gen.tokens += step.committed
         if not match:
             self._end_generation(

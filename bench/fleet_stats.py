@@ -156,6 +156,9 @@ def summarize_cell(
         "rounds": len(work),
         "round_ms": {"p50": _pct(lat, 0.5), "p90": _pct(lat, 0.9), "p99": _pct(lat, 0.99)},
         "ms_per_token": {"p50": _pct(per_tok, 0.5), "p99": _pct(per_tok, 0.99)},
+        # a draft round minus the worker's forward: encode, broker, network, queue, decode
+        "noncompute_ms_p50": _pct([r.latency_ms - r.verify_ms for r in work if r.kind == "draft"], 0.5),
+        "queue_ms_p50": _pct([r.queue_ms for r in work], 0.5),
         "open_ms_p50": _pct([r.latency_ms for r in inside if r.kind == "open"], 0.5),
         "unbatched_forwards": rounds_fwd,
         "unbatched_positions": rounds_pos,
