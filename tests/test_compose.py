@@ -212,7 +212,7 @@ def docker_engine_missing() -> str | None:
         return f"no Docker engine reachable (docker.from_env().ping(): {type(exc).__name__}: {exc})"
     if compose_cli() is None:
         return "a Docker engine answers but no compose CLI is installed (docker compose plugin)"
-    return mosquitto_missing()  # setup.sh needs mosquitto_passwd and openssl on the host
+    return mosquitto_missing()  # setup.sh needs python3 and openssl on the host
 
 
 @pytest.mark.slow
