@@ -97,6 +97,7 @@ class _Api:
         self.max_body_bytes = max_body_bytes
         # tokenizing runs here, never on the event loop (one thread: /health stays answered)
         self.parser_pool = ThreadPoolExecutor(1, thread_name_prefix="spececd-parse")
+        self.parsing = 0  # requests waiting for or in the tokenizer (at most max_queue)
         self.names = {model_name, *aliases}
         self.max_queue, self.max_concurrent = max_queue, max_concurrent
         self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="spececd-gen")
@@ -172,10 +173,22 @@ class _Api:
         endpoint = request.url.path
         body = await self._body(request)
         self._check_model(body)
+        if self.parsing >= self.max_queue:  # bodies waiting for the tokenizer are bounded too
+            raise ApiError(
+                429,
+                f"too many requests: {self.parsing} waiting to be tokenized (max_queue = {self.max_queue}); retry after 1 s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        self.parsing += 1
         loop = asyncio.get_running_loop()
-        req = await loop.run_in_executor(
-            self.parser_pool, lambda: parse_request(self.agent, body, kind, context=self.context)
-        )
+        try:
+            req = await loop.run_in_executor(
+                self.parser_pool, lambda: parse_request(self.agent, body, kind, context=self.context)
+            )
+        finally:
+            self.parsing -= 1
         self._check_cloud(req)
         if self.gate is None:
             self.gate = _Gate(self.max_concurrent, self.max_queue, self.metrics)

@@ -154,6 +154,34 @@ def test_tokenizing_runs_off_the_event_loop(models) -> None:  # noqa: F811
         handle.stop()
 
 
+def test_requests_waiting_for_the_tokenizer_are_bounded(models) -> None:  # noqa: F811
+    agent = make_agent(models)
+    real = agent.encode_prompt
+
+    def slow_encode(text, chat=True):
+        time.sleep(3.0)
+        return real(text, chat=chat)
+
+    agent.encode_prompt = slow_encode  # type: ignore[method-assign]
+    app = create_app(agent, model_name=MODEL, max_queue=1)
+    handle = start_server(app)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    try:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(post(handle.url + "/completions", body)[0]))
+        t.start()
+        deadline = time.monotonic() + 10
+        while app.state.api.parsing < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        code, err, headers = post(handle.url + "/completions", body)
+        assert code == 429 and err["error"]["code"] == "queue_full" and headers["Retry-After"]
+        t.join(30)
+        assert first == [200]
+    finally:
+        handle.stop()
+
+
 def test_tiny_temperature_is_greedy_on_both_sides(client) -> None:
     kw = dict(model=MODEL, prompt="Water boils at", max_tokens=12)
     greedy = client.completions.create(temperature=0, **kw).choices[0].text
