@@ -184,21 +184,23 @@ class Verifier:
                 "bad_message", f"seq {msg.seq} is older than the last ({sess.last_seq})", sid=msg.sid
             )
         what = "draft" if isinstance(msg, Draft) else "decode"
-        if msg.pos != len(sess.tokens):
-            raise SessionError(
-                "resync", f"{what} at position {msg.pos}, committed length {len(sess.tokens)}", sid=msg.sid
-            )
-        if msg.pos >= sess.limit:
+        if len(sess.tokens) >= sess.limit:  # checked first: its last verdict may name a token past it
             raise SessionError(
                 "limit",
                 f"the session holds its limit of {sess.limit} tokens (ctx + max_new): open a new one",
                 sid=msg.sid,
             )
-        self.sessions.move_to_end(key)
+        if msg.pos != len(sess.tokens):
+            raise SessionError(
+                "resync", f"{what} at position {msg.pos}, committed length {len(sess.tokens)}", sid=msg.sid
+            )
         if isinstance(msg, Draft):
-            return self._prepare_verify(key, sess, msg, queue_ms)
+            step = self._prepare_verify(key, sess, msg, queue_ms)
+            self.sessions.move_to_end(key)  # only once the request is known good
+            return step
         if msg.n < 1:
             raise SessionError("bad_message", "decode n must be >= 1", sid=msg.sid)
+        self.sessions.move_to_end(key)
         return self._decode_step(key, sess, msg, steps=min(msg.n, sess.limit - msg.pos), queue_ms=queue_ms)
 
     def _prepare_open(self, key: str, msg: Open, queue_ms: float) -> Step | list[Reply]:

@@ -91,6 +91,7 @@ class Worker:
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
         max_opens_per_s_per_device: float = 20.0,
+        client: MqttClient | None = None,
     ) -> None:
         self.worker_id = topics.check_worker(worker_id)
         self.verifier = Verifier(
@@ -111,7 +112,8 @@ class Worker:
         self.owned: OrderedDict[str, _Owned] = OrderedDict()  # session key -> where it lives
         self.max_owned = 4 * max_sessions  # evicted sessions stay subscribed a while to answer `resync`
         self.status_topic = topics.status_topic(worker_id)
-        self.client: MqttClient = make_client(
+        self._connected_early = client is not None  # by connect_early(), before the model loaded
+        self.client: MqttClient = client or make_client(
             broker,
             client_id=broker.username or worker_id,
             will=Will(self.status_topic, topics.OFFLINE, retain=True),
@@ -124,8 +126,10 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect, take opens through the shared subscription, announce ``online``."""
-        self.client.connect()
+        """Connect (unless ``connect_early`` did), take opens through the shared subscription,
+        announce ``online``."""
+        if not self._connected_early:
+            self.client.connect()
         self.client.on_reconnect.append(self._announce_online)
         self._thread = threading.Thread(target=self._model_loop, name=f"model-{self.worker_id}", daemon=True)
         self._thread.start()
@@ -139,6 +143,10 @@ class Worker:
             self.verifier.max_sessions,
             self.scheduler.max_sessions,
         )
+
+    def ready(self) -> bool:
+        """Whether this worker can serve now: started (model loaded) and connected to the broker."""
+        return self._accepting.is_set() and self.client.connected.is_set()
 
     def _announce_online(self) -> None:
         self.client.publish(self.status_topic, topics.ONLINE, retain=True, content_type=None)
@@ -374,8 +382,8 @@ class Worker:
             )  # waits for the SUBACK
         self.owned[key] = _Owned(device=device, sid=req.sid, down=down)
         self.owned.move_to_end(key)
-        self._trim_owned()
         self.scheduler.push(Job(key, device, req.sid, req, down, msg, msg.received_at, prefill=True))
+        self._trim_owned()
 
     def _handle_up(self, msg: Incoming, device: str, sid: str) -> None:
         down = topics.down_topic(device, sid)
@@ -432,24 +440,16 @@ class Worker:
             self._unsubscribe_quietly(topics.up_topic(owned.device, owned.sid))
 
     def _trim_owned(self) -> None:
+        """Unsubscribe the oldest sessions already gone from the verifier (kept a while only to
+        answer ``resync``); a live session or one with queued work is never dropped here."""
         while len(self.owned) > self.max_owned:
-            key, owned = self.owned.popitem(last=False)
-            pending = self.scheduler.drop(key)
-            for job in pending:
-                self._send_error(
-                    job.down,
-                    job.sid,
-                    "resync",
-                    "session evicted: re-open it",
-                    getattr(job.msg, "seq", None),
-                    job.incoming,
-                )
-            if self.verifier.evict(key):
-                self.metrics.evicted()
-                if not pending:
-                    self._send_error(
-                        owned.down, owned.sid, "resync", "session evicted to make room: re-open it", None
-                    )
+            key = next(
+                (k for k in self.owned if k not in self.verifier.sessions and k not in self.scheduler.queues),
+                None,
+            )
+            if key is None:
+                return
+            owned = self.owned.pop(key)
             self._unsubscribe_quietly(topics.up_topic(owned.device, owned.sid))
 
     def _unsubscribe_quietly(self, topic: str) -> None:
@@ -457,6 +457,19 @@ class Worker:
             self.client.unsubscribe(topic)
         except Exception as exc:
             log.info("unsubscribe %s failed: %s", topic, exc)
+
+
+def connect_early(broker: BrokerConfig, *, worker_id: str) -> MqttClient:
+    """Connect before the model loads and retain the status ``loading`` (edges do not count the
+    worker as available yet): a wrong broker address or password fails at once, not after a long
+    load. Pass the client to ``Worker(client=...)``; its Will says ``offline``."""
+    status = topics.status_topic(topics.check_worker(worker_id))
+    client = make_client(
+        broker, client_id=broker.username or worker_id, will=Will(status, topics.OFFLINE, retain=True)
+    )
+    client.connect()
+    client.publish(status, topics.LOADING, retain=True, content_type=None, wait=True)
+    return client
 
 
 def _safe_parse(topic: str):

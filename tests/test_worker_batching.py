@@ -51,7 +51,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
     target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return {"draft": load_model(str(draft_dir)), "target": load_model(str(target_dir)), "target_dir": str(target_dir)}
+    return {
+        "draft": load_model(str(draft_dir)),
+        "target": load_model(str(target_dir)),
+        "target_dir": str(target_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,9 @@ def run_fleet(models, broker, uid: str, plans: list[tuple[float, GenerateOptions
 def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) -> None:
     """Mixed γ, one cloud-only session, sessions joining late and leaving early."""
     rec = Recorder()
-    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, batch_window_ms=30)
+    worker = Worker(
+        models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, batch_window_ms=30
+    )
     worker.start()
     plans = [
         (0.0, GenerateOptions(gamma=1, max_new_tokens=20, params=params)),
@@ -115,7 +121,9 @@ def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) ->
 
 def test_unbatched_worker_is_one_session_per_forward(models, reference, dev_broker, uid) -> None:
     rec = Recorder()
-    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, max_batch_sessions=1)
+    worker = Worker(
+        models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, max_batch_sessions=1
+    )
     worker.start()
     plans = [(0.0, GenerateOptions(gamma=g, max_new_tokens=12, params=SAMPLED)) for g in (1, 3, 2)]
     try:
@@ -164,7 +172,11 @@ def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_cl
         for d in (good("a"), bad, good("c")):
             raw.publish(topics.up_topic(uid, d.sid), encode(d))
         answers = {r.sid: r for r in _replies(raw, 3)}
-        assert isinstance(answers["b"], Error) and answers["b"].code == "bad_message" and "5000" in answers["b"].detail
+        assert (
+            isinstance(answers["b"], Error)
+            and answers["b"].code == "bad_message"
+            and "5000" in answers["b"].detail
+        )
         for sid in ("a", "c"):
             v = answers[sid]
             assert isinstance(v, Verdict) and v.batch == 2, v
@@ -183,7 +195,9 @@ def test_failover_while_sessions_share_a_batch(models, reference, dev_broker, ui
     cfg = dev_broker.config()
     extra = ["--batch-window-ms", "20", "--max-batch-sessions", "8"]
     workers = {
-        wid: start_worker_process(cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path, extra=extra)
+        wid: start_worker_process(
+            cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path, extra=extra
+        )
         for wid in (f"a-{uid}", f"b-{uid}")
     }
     opts = [GenerateOptions(gamma=g, max_new_tokens=30, params=SAMPLED) for g in (2, 3, 1)]
@@ -197,7 +211,9 @@ def test_failover_while_sessions_share_a_batch(models, reference, dev_broker, ui
                 got[i].append(next(ev).token)
         victim = agents[0].link.owner_of(states[0].sid)
         workers[victim].kill()
-        threads = [threading.Thread(target=lambda i=i: got[i].extend(e.token for e in streams[i])) for i in range(3)]
+        threads = [
+            threading.Thread(target=lambda i=i: got[i].extend(e.token for e in streams[i])) for i in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:
