@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from cloud_worker.quotas import OpenRate
 from cloud_worker.scheduler import Job, Scheduler
+from cloud_worker.support import NullMetrics, Owned, install_sigterm, safe_parse, same_model_name
 from cloud_worker.verifier import DEFAULT_MAX_SESSIONS, Step, Verifier, session_key
 from shared import topics
 from shared.errors import ProtocolError, SessionError
@@ -40,33 +39,10 @@ from shared.protocol import Close, Decode, Draft, Error, Open, Opened, Tokens, V
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Worker", "install_sigterm", "same_model_name"]
+
 DRAIN_TIMEOUT_S = 30.0
 _STOP = object()  # sentinel: the model thread finishes queued work, then exits
-
-
-class _NullMetrics:
-    """Stands in for ``shared.metrics.WorkerMetrics`` when metrics are off."""
-
-    def __getattr__(self, _name: str) -> Any:
-        return lambda *a, **k: None
-
-
-@dataclass(frozen=True, slots=True)
-class _Owned:
-    device: str
-    sid: str
-    down: str
-
-
-def same_model_name(a: str, b: str) -> bool:
-    """Model names match when either is empty or their last path part agrees (case-insensitive).
-
-    The edge names models by hub id, folder or file; ``Qwen/Qwen2.5-1.5B`` and
-    ``/models/qwen2.5-1.5b`` name the same model."""
-    if not a or not b:
-        return True
-    last = lambda s: s.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf").lower()  # noqa: E731
-    return last(a) == last(b)
 
 
 class Worker:
@@ -106,10 +82,10 @@ class Worker:
         self.open_rate = OpenRate(max_opens_per_s_per_device, burst=max(max_opens_per_s_per_device, 1.0))
         self.target_name = target_name or target.name
         self.draft_name = draft_name
-        self.metrics = metrics or _NullMetrics()
+        self.metrics = metrics or NullMetrics()
         self.bad_messages: Counter[str] = Counter()
         self.jobs: queue.Queue[Any] = queue.Queue()
-        self.owned: OrderedDict[str, _Owned] = OrderedDict()  # session key -> where it lives
+        self.owned: OrderedDict[str, Owned] = OrderedDict()  # session key -> where it lives
         self.max_owned = 4 * max_sessions  # evicted sessions stay subscribed a while to answer `resync`
         self.status_topic = topics.status_topic(worker_id)
         self._connected_early = client is not None  # by connect_early(), before the model loaded
@@ -262,14 +238,7 @@ class Worker:
         if job.step is not None:  # a continuing decode / prefill: is its session still here?
             if job.prefill or self.verifier.sessions.get(job.key) is job.step.sess:
                 return job.step
-            self._send_error(
-                job.down,
-                job.sid,
-                "resync",
-                "session evicted: re-open it",
-                getattr(job.msg, "seq", None),
-                job.incoming,
-            )
+            self._refuse(job, "resync", "session evicted: re-open it")
             return None
         queue_ms = (time.perf_counter() - job.received_at) * 1e3
         try:
@@ -307,14 +276,7 @@ class Worker:
             down = owned.down if owned is not None else None
             pending = self.scheduler.drop(key)
             for job in pending:
-                self._send_error(
-                    job.down,
-                    job.sid,
-                    "resync",
-                    "session evicted: re-open it",
-                    getattr(job.msg, "seq", None),
-                    job.incoming,
-                )
+                self._refuse(job, "resync", "session evicted: re-open it")
             if down is not None and not pending:
                 self._send_error(down, sess.sid, "resync", "session evicted to make room: re-open it", None)
 
@@ -342,7 +304,7 @@ class Worker:
         except ProtocolError as exc:
             self._count("bad_message")
             if sid is None and msg.response_topic:  # an open: trust only the device's own down topic
-                parsed = _safe_parse(msg.response_topic)
+                parsed = safe_parse(msg.response_topic)
                 if parsed is not None and parsed.kind == "down" and parsed.device == device:
                     sid = parsed.sid
             if sid is not None:
@@ -380,7 +342,7 @@ class Worker:
             self.client.subscribe(
                 topics.up_topic(device, req.sid), handler=self._enqueue
             )  # waits for the SUBACK
-        self.owned[key] = _Owned(device=device, sid=req.sid, down=down)
+        self.owned[key] = Owned(device=device, sid=req.sid, down=down)
         self.owned.move_to_end(key)
         self.scheduler.push(Job(key, device, req.sid, req, down, msg, msg.received_at, prefill=True))
         self._trim_owned()
@@ -421,6 +383,10 @@ class Worker:
         if exc.code == "stale_epoch":
             return  # documented drop: a newer epoch of the session exists, nobody waits for this
         self._send_error(down, sid, exc.code, exc.detail, seq, msg)
+
+    def _refuse(self, job: Job, code: str, detail: str) -> None:
+        """Answer a queued request with ``error{code}`` (its seq, on its device's own down topic)."""
+        self._send_error(job.down, job.sid, code, detail, getattr(job.msg, "seq", None), job.incoming)
 
     def _send_error(
         self, down: str, sid: str, code: str, detail: str, seq: int | None, msg: Incoming | None = None
@@ -470,23 +436,3 @@ def connect_early(broker: BrokerConfig, *, worker_id: str) -> MqttClient:
     client.connect()
     client.publish(status, topics.LOADING, retain=True, content_type=None, wait=True)
     return client
-
-
-def _safe_parse(topic: str):
-    try:
-        return topics.parse_topic(topic)
-    except ProtocolError:
-        return None
-
-
-def install_sigterm(worker: Worker) -> threading.Event:
-    """SIGTERM/SIGINT → graceful ``stop``; returns an event set when the worker has stopped."""
-    done = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: draining", signum)
-        threading.Thread(target=lambda: (worker.stop(), done.set()), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return done
