@@ -97,6 +97,8 @@ class EdgeConfig:
     device: str | None
     draft: str
     target: str
+    draft_backend: str
+    draft_threads: int
     model_device: str
     dtype: str
     gamma: int | str  # 1..64 or "auto"
@@ -386,6 +388,8 @@ def load_edge_config(
     target = values["target"]
     return EdgeConfig(
         **_common(values, sources),
+        draft_backend=values["draft_backend"],
+        draft_threads=values["draft_threads"],
         device=device,
         gamma=values["gamma"],
         pipeline=values["pipeline"],
