@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--draft", help="draft model (folder, .gguf or hub id); default: the demo pair")
     ap.add_argument("--target", help="target model; default: the demo pair")
+    ap.add_argument("--draft-backend", type=_list(str), default=["auto"],
+                    help="draft runtime: auto, torch, llama.cpp, or a comma list to compare them side by "
+                         "side (e.g. torch,llama.cpp); auto runs a .gguf draft with llama.cpp")  # fmt: skip
     ap.add_argument("--host", help="broker host (default: start our own broker)")
     ap.add_argument("--port", type=int, help="broker port (default: start our own broker)")
     ap.add_argument("--start-broker", action=argparse.BooleanOptionalAction, default=None,
@@ -152,6 +155,11 @@ def check_args(args: argparse.Namespace) -> None:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         raise UsageError(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)}")
+    bad = [b for b in args.draft_backend if b not in ("auto", "torch", "llama.cpp")]
+    if bad:
+        raise UsageError(f"unknown draft backend(s) {', '.join(bad)}: choose from auto, torch, llama.cpp")
+    if "llama.cpp" in args.draft_backend and args.draft and not args.draft.lower().endswith(".gguf"):
+        raise UsageError("--draft-backend llama.cpp runs a .gguf draft: pass one with --draft")
     if (args.host is None) != (args.port is None) and args.start_broker is not True:
         raise UsageError("give both --host and --port (or neither: the bench starts its own broker)")
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 from pathlib import Path
 
 from bench.cli import load_prompts, machine_meta
@@ -28,6 +29,36 @@ def _progress_bar(total: int, disabled: bool):
     return bar, step
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (MB), from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+def load_drafts(draft_spec: str, target_spec: str, backends: list[str], threads: int) -> tuple[dict, dict]:
+    """{backend: draft} in ``backends`` order, and each one's resident memory: the RSS this
+    process grew by while loading it and running one warm-up forward (MB)."""
+    from edge_agent.drafter import load_draft, make_drafter, resolve_backend
+    from shared.sampling import SamplingParams
+
+    drafts, rss = {}, {}
+    for name in backends:
+        kind = resolve_backend(draft_spec, name)
+        if kind in drafts:
+            continue
+        before = _rss_mb()
+        draft = load_draft(draft_spec, backend=kind, threads=threads, target=target_spec)
+        warm = make_drafter(draft)
+        warm.reset([int(next(iter(draft.eos_token_ids), 0))], SamplingParams())
+        warm.propose(2)
+        drafts[kind] = draft
+        rss[kind] = round(_rss_mb() - before, 1)
+    return drafts, rss
+
+
 def execute(
     args: argparse.Namespace,
     draft_spec: str,
@@ -43,7 +74,8 @@ def execute(
     from shared.models import load_model
 
     transformers.logging.set_verbosity_error()
-    cells = make_cells(args.modes, args.temperature, args.gamma, args.rtt_ms)
+    backends = list(dict.fromkeys(getattr(args, "draft_backend", None) or ["auto"]))
+    cells = make_cells(args.modes, args.temperature, args.gamma, args.rtt_ms, backends)
     edge_cores, worker_cores, pin_text = pinning
     networked = any(c.mode in NETWORK_MODES for c in cells)
     need_target = any(c.mode in ("inprocess", "assisted") for c in cells)
@@ -72,10 +104,16 @@ def execute(
             if edge_cores:
                 os.sched_setaffinity(0, edge_cores)
             torch.set_num_threads(args.threads)
-            draft = load_model(draft_spec)
+            if "assisted" in args.modes:  # transformers' assisted generation needs the torch draft
+                backends.append("torch")
+            rss_start = _rss_mb()
+            drafts, draft_rss = load_drafts(draft_spec, target_spec, backends, args.threads)
+            meta["draft_backends"] = list(drafts)
+            meta["draft_resident_mb"] = draft_rss  # RSS growth of loading each draft (+ one forward)
+            meta["edge_rss_mb"] = {"before_drafts": round(rss_start, 1), "after_drafts": round(_rss_mb(), 1)}
             target = load_model(target_spec) if need_target else None
-            prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
-            edge = Edge(draft, target, links, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            prompts = load_prompts(args.prompts_file, args.num_prompts, next(iter(drafts.values())).tokenizer)
+            edge = Edge(drafts, target, links, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                         top_p=args.top_p, draft_name=draft_spec, target_name=target_spec,
                         pipeline=not args.no_pipeline)  # fmt: skip
             total = len(cells) * len(prompts) * args.iterations
@@ -87,6 +125,7 @@ def execute(
             shutdown_links(links)
             os.sched_setaffinity(0, old_affinity)
             torch.set_num_threads(old_threads)
+    meta["edge_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     meta["load_avg_1_5_15min"] = {"start": start_load, "end": [round(x, 2) for x in os.getloadavg()]}
     meta["prompts"] = [f"{p.index}: [{p.category}] {p.text}" for p in prompts]
     meta["notes"] = [

@@ -60,6 +60,8 @@ def summarize(runs: list[dict]) -> dict:
     theory = [(r["alpha_theory"], r["judged"]) for r in spec if r.get("alpha_theory") is not None]
     rounds = [x for r in runs for x in r.get("rounds", [])]
     acceptance = accepted / judged if judged else None
+    # drafting time per token the round waited for (drafts made ahead during a verify are free)
+    fresh = sum(max(x["gamma"] - x.get("prefetched", 0), 0) for x in rounds)
     out = {
         "runs": len(runs),
         "new_tokens": tokens,
@@ -78,6 +80,7 @@ def summarize(runs: list[dict]) -> dict:
         "rounds": len(rounds),
         "round": {f: _stats([x[f] for x in rounds]) for f in ROUND_FIELDS},
         "assessment": assess(acceptance),
+        "draft_ms_per_token": sum(x["draft_ms"] for x in rounds) / fresh if fresh else None,
     }
     return out
 
@@ -132,7 +135,7 @@ def build_report(cells: list[Cell], runs: list[dict], meta: dict) -> dict:
         e["speedup"] = {
             b.key: tps[cell.key] / tps[b.key]
             for b in cells
-            if b.mode != cell.mode and cell.comparable(b) and tps.get(b.key)
+            if (b.mode, b.backend) != (cell.mode, cell.backend) and cell.comparable(b) and tps.get(b.key)
         }
     return {
         "meta": {**meta, "acceptance_definition": ACCEPTANCE_DEFINITION},
@@ -195,6 +198,16 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         if e["speedup"]:
             vs = ", ".join(f"{k}: {v:.2f}×" for k, v in e["speedup"].items())
             lines.append(f"| {e['key']} | {vs} |")
+    if len(meta.get("draft_backends", [])) > 1 or any(e.get("backend") for e in cells):
+        lines += ["", "## Draft backends", "",
+                  f"Resident memory of each draft (RSS growth while loading it, MB): {meta.get('draft_resident_mb')}; "
+                  f"edge process peak RSS {meta.get('edge_peak_rss_mb')} MB.", "",
+                  "| cell | draft ms/token | α̂ | α theory | tok/s (pooled) |", "|---|---|---|---|---|"]  # fmt: skip
+        for e in cells:
+            if e.get("backend"):
+                o = e["overall"]
+                lines.append(f"| {e['key']} | {_f(o.get('draft_ms_per_token'))} | {_f(o['acceptance'], '.3f')} "
+                             f"| {_f(o['alpha_theory'], '.3f')} | {_f(o['tokens_per_s'])} |")  # fmt: skip
     cats = sorted({c for e in cells for c in e["by_category"]})
     lines += [
         "",

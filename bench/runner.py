@@ -11,6 +11,9 @@ thread; the worker process to another core, one thread. The in-process modes (in
 assisted, edge-only) run both models in this process, on the edge's core, one thread: draft
 and verify never overlap in a speculative round anyway, so every model forward in every mode
 runs on one thread of one core and the modes differ only in what is around the compute.
+
+Draft backends (``--draft-backend torch,llama.cpp``): every mode that drafts runs once per
+backend, on the same prompts and seeds; its cell key then names the backend (``[llama.cpp]``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from bench.assisted import run_assisted
 from bench.inprocess import InProcessPair
-from edge_agent.drafter import Drafter
+from edge_agent.drafter import Drafter, make_drafter
 from edge_agent.results import collect
 from edge_agent.speculative import GenerateOptions, RoundStats, SessionState, generate
 from shared.link import VerifierLink
@@ -38,6 +42,7 @@ from shared.sampling import SamplingParams
 MODES = ("speculative", "speculative-seq", "cloud-only", "edge-only", "inprocess", "assisted")
 NETWORK_MODES = frozenset({"speculative", "speculative-seq", "cloud-only"})
 GAMMA_MODES = frozenset({"speculative", "speculative-seq", "inprocess", "assisted"})
+DRAFT_MODES = frozenset({"speculative", "speculative-seq", "edge-only", "inprocess"})  # run per backend
 TARGET_MODES = frozenset({"speculative", "speculative-seq", "cloud-only", "inprocess", "assisted"})
 PIPELINED_MODES = frozenset({"speculative"})
 _LOOP_MODE = {"speculative": "speculative", "speculative-seq": "speculative", "inprocess": "speculative",
@@ -52,10 +57,11 @@ class Cell:
     temperature: float
     gamma: int | str | None = None  # a fixed γ or "auto" (the adaptive controller)
     rtt_ms: float | None = None
+    backend: str | None = None  # the draft backend, when several are compared
 
     @property
     def key(self) -> str:
-        parts = [self.mode, f"T={self.temperature:g}"]
+        parts = [self.mode + (f"[{self.backend}]" if self.backend else ""), f"T={self.temperature:g}"]
         if self.gamma is not None:
             parts.append(f"γ={self.gamma}")
         if self.rtt_ms is not None:
@@ -72,13 +78,18 @@ class Cell:
 
     def as_dict(self) -> dict:
         return {"key": self.key, "mode": self.mode, "temperature": self.temperature,
-                "gamma": self.gamma, "rtt_ms": self.rtt_ms}  # fmt: skip
+                "gamma": self.gamma, "rtt_ms": self.rtt_ms, "backend": self.backend}  # fmt: skip
 
 
 def make_cells(
-    modes: list[str], temperatures: list[float], gammas: list[int | str], rtts: list[float]
+    modes: list[str],
+    temperatures: list[float],
+    gammas: list[int | str],
+    rtts: list[float],
+    backends: list[str] | None = None,
 ) -> list[Cell]:
-    """Every distinct cell of the sweep (a mode that ignores γ or RTT appears once per value of the rest)."""
+    """Every distinct cell of the sweep (a mode that ignores γ or RTT appears once per value of the
+    rest). With two or more ``backends``, each drafting mode appears once per backend."""
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
@@ -86,8 +97,11 @@ def make_cells(
     for mode, temp in itertools.product(modes, temperatures):
         gs: list[int | str | None] = list(gammas) if mode in GAMMA_MODES else [None]
         rs: list[float | None] = list(rtts) if mode in NETWORK_MODES else [None]
-        for g, r in itertools.product(gs, rs):
-            cell = Cell(mode, float(temp), g, None if r is None else float(r))
+        bs: list[str | None] = (
+            list(backends) if backends and len(backends) > 1 and mode in DRAFT_MODES else [None]
+        )
+        for g, r, b in itertools.product(gs, rs, bs):
+            cell = Cell(mode, float(temp), g, None if r is None else float(r), b)
             if cell not in cells:
                 cells.append(cell)
     return cells
@@ -115,12 +129,12 @@ def round_record(r: RoundStats) -> dict:
 
 
 class Edge:
-    """The edge side of a run: the draft model, the target when an in-process mode needs it, and
-    one MQTT link per RTT for the networked modes."""
+    """The edge side of a run: the draft model (one per draft backend), the target when an
+    in-process mode needs it, and one MQTT link per RTT for the networked modes."""
 
     def __init__(
         self,
-        draft: LoadedModel,
+        draft: LoadedModel | dict[str, Any],
         target: LoadedModel | None,
         links: dict[float, VerifierLink],
         *,
@@ -131,18 +145,22 @@ class Edge:
         target_name: str = "",
         pipeline: bool = True,
     ) -> None:
-        self.draft = draft
+        # {backend: draft}; the first is the default, a torch one (if loaded) serves `assisted`
+        self.drafts = draft if isinstance(draft, dict) else {"torch": draft}
+        self.draft = self.drafts.get("torch") or next(iter(self.drafts.values()))
         self.target = target
         self.links = links
         self.max_new_tokens = max_new_tokens
         self.top_k, self.top_p = top_k, top_p
         self.draft_name, self.target_name = draft_name, target_name
         self.pipeline = pipeline  # `speculative` drafts the next block while the current one is verified
-        self.drafter = Drafter(draft)
-        self.pair = InProcessPair.from_models(draft, target) if target is not None else None
+        self.drafters: dict[str, Drafter] = {b: make_drafter(d) for b, d in self.drafts.items()}
+        self.default_backend = next(iter(self.drafts))
+        self.drafter = self.drafters[self.default_backend]
+        self.pair = InProcessPair.from_models(self.draft, target) if target is not None else None
         if self.pair is not None:
             self.pair.drafter = self.drafter  # one draft KV cache for all modes
-        self.eos_ids = draft.eos_token_ids  # the same set for every mode (one tokenizer)
+        self.eos_ids = self.draft.eos_token_ids  # the same set for every mode (one tokenizer)
 
     def options(self, cell: Cell, seed: int, max_new_tokens: int | None = None) -> GenerateOptions:
         params = SamplingParams(temperature=cell.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed)
@@ -176,6 +194,8 @@ class Edge:
         if cell.mode == "assisted":
             if self.target is None:
                 raise RuntimeError("assisted mode needs the target model in this process")
+            if getattr(self.draft, "model", None) is None:
+                raise RuntimeError("assisted mode needs the torch draft: add torch to --draft-backend")
             res = run_assisted(self.draft, self.target, prompt_ids, opts)
             return {**res.summary(), "token_ids": res.token_ids, "text": res.text, "rounds": []}
         link: VerifierLink | None
@@ -189,13 +209,16 @@ class Edge:
         else:
             link = None
         state = SessionState()
-        events = generate(self.drafter, link, prompt_ids, opts, eos_ids=self.eos_ids, state=state)
+        drafter = self.drafters[cell.backend or self.default_backend]
+        events = generate(drafter, link, prompt_ids, opts, eos_ids=self.eos_ids, state=state)
         result = collect(events, state=state)
         if cell.mode in NETWORK_MODES:
             self.barrier(link, prompt_ids[-1])
         text = self.draft.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         rounds = [round_record(r) for r in result.rounds]
-        return {**result.summary(), "token_ids": result.token_ids, "text": text, "rounds": rounds}
+        backend = cell.backend or self.default_backend if cell.mode in DRAFT_MODES else None
+        return {**result.summary(), "token_ids": result.token_ids, "text": text, "rounds": rounds,
+                "draft_backend": backend}  # fmt: skip
 
 
 @dataclass(frozen=True)
