@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,7 @@ class DraftBlock:
     q: tuple[SparseDist, ...] | None
     draft_ms: float  # drafting time spent in propose() (not counting drafts made ahead)
     prefetched: int = 0  # tokens of this block drafted ahead, while the previous round was verified
+    confidence: tuple[float, ...] = ()  # the draft's top probability at each token (early stopping)
 
 
 class Drafter:
@@ -65,6 +66,7 @@ class Drafter:
         self.params = SamplingParams()
         self.committed: list[int] = []
         self.pending: list[tuple[int, SparseDist | None]] = []  # drafts after `committed`
+        self.pending_conf: list[float] = []  # the draft's top probability at each pending draft
         self.cache_len = 0
         self._init_backend()
 
@@ -78,7 +80,7 @@ class Drafter:
             raise ValueError("the context must hold at least one token")
         self.params = params
         self.committed = list(ctx)
-        self.pending = []
+        self.pending, self.pending_conf = [], []
         self.cache_len = 0
         self._init_backend()
 
@@ -103,20 +105,34 @@ class Drafter:
     def _draft_one(self) -> None:
         """Feed what the cache lacks, sample the next draft from exactly its sparse q."""
         seq = self._sequence()
-        probs = logits_to_probs(self._logits(seq), self.params).cpu()  # [V]
+        logits = self._logits(seq)  # [V]
+        probs = logits_to_probs(logits, self.params).cpu()  # [V]
         if self.params.greedy:
+            self.pending_conf.append(float(logits.float().softmax(-1).max()))  # q is one-hot: the model's own
             self.pending.append((int(probs.argmax()), None))
             return
         dist = sparsify(probs, self.sparse_k)
+        self.pending_conf.append(max(dist.w) / dist.total)  # top probability of the q sent
         self.pending.append((dist.sample(position_uniform(self.params.seed, len(seq), PURPOSE_DRAFT)), dist))
 
-    def propose(self, gamma: int) -> DraftBlock:
-        """The next ``gamma`` drafts after the committed tokens, reusing those drafted ahead."""
+    def propose(self, gamma: int, *, stop_below: Sequence[float] = ()) -> DraftBlock:
+        """The next ``gamma`` drafts after the committed tokens, reusing those drafted ahead.
+
+        ``stop_below[i]``: end the block before draft i (i ≥ 1) when its confidence (the draft's
+        top probability there) is below it. Exact: whether position i is proposed depends on q_i,
+        never on the token drawn from it (which stays pending, for reuse next round)."""
         assert gamma >= 1
         t0 = time.perf_counter()
         prefetched = min(len(self.pending), gamma)
-        while len(self.pending) < gamma:
+
+        def cut() -> int | None:
+            n = min(gamma, len(self.pending), len(stop_below))
+            return next((i for i in range(1, n) if self.pending_conf[i] < stop_below[i]), None)
+
+        while len(self.pending) < gamma and cut() is None:
             self._draft_one()
+        gamma = cut() or gamma
+        prefetched = min(prefetched, gamma)
         block = self.pending[:gamma]
         q = None if self.params.greedy else tuple(d for _, d in block)  # type: ignore[misc]
         return DraftBlock(
@@ -125,6 +141,7 @@ class Drafter:
             q=q,
             draft_ms=(time.perf_counter() - t0) * 1e3,
             prefetched=prefetched,
+            confidence=tuple(self.pending_conf[:gamma]),
         )
 
     def extend(self, max_tokens: int, *, stop: Callable[[], bool]) -> int:
@@ -146,6 +163,7 @@ class Drafter:
         drafts = [t for t, _ in self.pending]
         agree = drafts[: len(tokens)] == tokens[: len(drafts)]
         self.pending = self.pending[len(tokens) :] if agree else []
+        self.pending_conf = self.pending_conf[len(tokens) :] if agree else []
         self.committed.extend(tokens)
         after = self._sequence()
         lcp = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(before))
@@ -154,7 +172,7 @@ class Drafter:
     def rollback(self) -> None:
         """Drop every draft (a round abandoned without a verdict). The last committed token
         leaves the cache too, so the next forward has something to feed."""
-        self.pending = []
+        self.pending, self.pending_conf = [], []
         self._crop(min(self.cache_len, len(self.committed) - 1))
 
 

@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass, replace
 
 GAMMA_AUTO = "auto"
+CONF_EDGES = (0.0, 0.3, 0.5, 0.7, 0.85, 0.95)  # lower edges of the draft-confidence bins
+NEVER = 2.0  # a confidence threshold no draft reaches: always stop there
 REEXPLORE = 64  # rounds after which a verify time measured once is doubted (and may be re-tried)
 
 
@@ -50,6 +52,9 @@ class GammaPriors:
     alpha_window: float = 24.0  # most judged positions of evidence kept (a long block must not swamp)
     slope: float = 0.1  # prior verify cost of one more position, as a share of one position's cost
     forget: float = 0.8  # weight kept by old evidence at each new round
+    early_stop: bool = True  # end a block before a draft whose confidence says it will not pay
+    conf_weight: float = 2.0  # worth of α̂ as the prior of each confidence bin, in positions
+    conf_forget: float = 0.97  # per round, for the confidence bins (each sees few positions)
     verify_smoothing: float = 0.3  # weight of a new verify time in its position count's mean
 
     def __post_init__(self) -> None:
@@ -75,6 +80,7 @@ class Observation:
     verify_ms: float  # target forward + acceptance on the worker
     queue_ms: float  # waiting on the worker
     batch_pos: int | None = None  # positions of the whole batched forward, if the worker says
+    confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class GammaDecision:
     tokens: float  # predicted committed tokens (accepted + 1)
     round_ms: float  # predicted round time: critical-path drafting + the verify call
     reason: str
+    stop_below: tuple[float, ...] = ()  # per position: end the block before a draft less confident
 
     @property
     def rate(self) -> float:
@@ -143,6 +150,7 @@ class GammaController:
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
+        self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
 
     # ------------------------------------------------------------------ learning
     def observe(self, obs: Observation) -> None:
@@ -157,6 +165,11 @@ class GammaController:
         if held > self.priors.alpha_window:  # keep the newest evidence worth a window of positions
             self._acc *= self.priors.alpha_window / held
             self._rej *= self.priors.alpha_window / held
+        for b in self._conf:
+            b[0] *= self.priors.conf_forget
+            b[1] *= self.priors.conf_forget
+        for i, c in enumerate(obs.confidence[:judged]):
+            self._conf[_bin(c)][0 if i < obs.n_acc else 1] += 1.0
         if obs.drafted > 0:
             self._draft.add(obs.draft_ms / obs.drafted, f)
         self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)
@@ -227,7 +240,40 @@ class GammaController:
             return GammaDecision(g, tokens, ms, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
         best = max(range(1, cap + 1), key=lambda g: _rate(*self.predict(g, ready=ready)))
         tokens, ms = self.predict(best, ready=ready)
-        return GammaDecision(best, tokens, ms, self._reason(best, ready, cap))
+        stops = self._stop_thresholds(best, ready) if self.priors.early_stop else ()
+        return GammaDecision(best, tokens, ms, self._reason(best, ready, cap, stops), stops)
+
+    def accept_prob(self, confidence: float) -> float:
+        """Calibrated chance that a draft of this confidence is accepted (its bin, around α̂)."""
+        acc, rej = self._conf[_bin(confidence)]
+        w = self.priors.conf_weight
+        return (acc + w * self.alpha) / (acc + rej + w)
+
+    def _stop_thresholds(self, gamma: int, ready: int) -> tuple[float, ...]:
+        """Per position i ≥ 1: the confidence below which ending the block before draft i beats
+        going on to γ. Ending there: E_A tokens in T_A; going on: E_A + S·a·G tokens in T_B,
+        S = α̂^i (the chance the block gets that far), a = the draft's calibrated acceptance,
+        G = 1 + α̂ + … + α̂^(γ−i−1). Going on pays iff a > a* = E_A·(T_B/T_A − 1) / (S·G); the
+        threshold is the lowest confidence bin from which every bin's calibrated acceptance
+        reaches a*. Before the bins have evidence every bin sits at α̂, so nothing stops."""
+        alpha, d = self.alpha, self._draft.mean(0.0)
+        base = self._net.mean(0.0) + self._queue.mean(0.0)
+        others = round(self._others.mean(0.0))
+        cal = [self.accept_prob(edge) for edge in CONF_EDGES]
+        out = [0.0]
+        for i in range(1, gamma):
+            t_a = (
+                d * max(0, i + 1 - ready) + base + self.verify_ms(others + i + 1)
+            )  # x_i is drafted either way
+            t_b = d * max(0, gamma - ready) + base + self.verify_ms(others + gamma + 1)
+            e_a, s = expected_tokens(alpha, i), alpha**i
+            g = expected_tokens(alpha, gamma - i - 1)
+            need = e_a * (t_b / t_a - 1.0) / (s * g) if t_a > 0 and s * g > 0 else 0.0
+            lowest = len(CONF_EDGES)
+            while lowest > 0 and cal[lowest - 1] >= need:
+                lowest -= 1
+            out.append(CONF_EDGES[lowest] if lowest < len(CONF_EDGES) else NEVER)
+        return tuple(out)
 
     def lookahead(self, gamma: int) -> int:
         """How many tokens to draft ahead while a block of ``gamma`` is verified: the bonus
@@ -252,9 +298,10 @@ class GammaController:
         )
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
+        nxt._conf = [list(b) for b in self._conf]
         return nxt
 
-    def _reason(self, gamma: int, ready: int, cap: int) -> str:
+    def _reason(self, gamma: int, ready: int, cap: int, stops: tuple[float, ...] = ()) -> str:
         others = round(self._others.mean(0.0))
         parts = [
             f"α̂={self.alpha:.2f}",
@@ -270,7 +317,13 @@ class GammaController:
             parts.append(f"batch+{others}")
         if cap < self.priors.gamma_max:
             parts.append(f"cap={cap}")
+        if any(stops):
+            parts.append("stop<" + "/".join(f"{c:.2f}" for c in stops[1:]))
         return " ".join(parts)
+
+
+def _bin(confidence: float) -> int:
+    return sum(confidence >= edge for edge in CONF_EDGES[1:])
 
 
 def _rate(tokens: float, ms: float) -> float:

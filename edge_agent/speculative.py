@@ -257,15 +257,16 @@ def _speculative(
                 done = len(drafter.committed) - len(prompt_ids)
                 choice = ctrl.decide(ready=len(drafter.pending), remaining=opts.max_new_tokens - done)
                 if st.open:
-                    block = drafter.propose(choice.gamma)  # 1. draft (or take the drafts made ahead)
+                    # 1. draft (or take the drafts made ahead); may end early on an unconfident draft
+                    block = drafter.propose(choice.gamma, stop_below=choice.stop_below)
                 elif pool is None:
                     done = len(drafter.committed) - len(prompt_ids)
                     _open(link, st, drafter.committed, opts, "speculative", done)
-                    block = drafter.propose(choice.gamma)
+                    block = drafter.propose(choice.gamma, stop_below=choice.stop_below)
                 else:  # the worker prefills while the draft model does: both are on the critical path
                     done = len(drafter.committed) - len(prompt_ids)
                     opening = pool.submit(_open, link, st, list(drafter.committed), opts, "speculative", done)
-                    block = drafter.propose(choice.gamma)
+                    block = drafter.propose(choice.gamma, stop_below=choice.stop_below)
                     opening.result()
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
@@ -299,6 +300,7 @@ def _speculative(
                     drafted=len(block.tokens) - block.prefetched, link_ms=link_ms,
                     verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
                     batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
+                    confidence=block.confidence,
                 )
             )  # fmt: skip
             drafter.commit(new)  # 3. commit; the cache keeps what still agrees

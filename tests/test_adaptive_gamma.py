@@ -44,21 +44,26 @@ N = 40
 class Scripted(GammaController):
     """A controller that plays a fixed γ schedule (cycling), to replay or to vary γ on purpose."""
 
-    def __init__(self, schedule: list[int]) -> None:
+    def __init__(self, schedule: list[int], stop_below: float = 0.0) -> None:
         super().__init__()
         self.schedule = schedule
+        self.stop_below = stop_below
 
     def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
         g = self.schedule[self.rounds % len(self.schedule)]
-        return GammaDecision(g, *self.predict(g, ready=ready), "scripted")
+        stops = (0.0,) + (self.stop_below,) * (g - 1) if self.stop_below else ()
+        return GammaDecision(g, *self.predict(g, ready=ready), "scripted", stops)
 
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """``use(schedule)``: the next generations play ``schedule``."""
+    """``use(schedule, stop_below)``: the next generations play ``schedule`` (ending a block
+    before any draft less confident than ``stop_below``)."""
 
-    def use(schedule: list[int]) -> None:
-        monkeypatch.setattr(spec, "gamma_controller", lambda opts, previous=None: Scripted(schedule))
+    def use(schedule: list[int], stop_below: float = 0.0) -> None:
+        monkeypatch.setattr(
+            spec, "gamma_controller", lambda opts, previous=None: Scripted(schedule, stop_below)
+        )
 
     return use
 
@@ -129,6 +134,25 @@ def test_varying_gamma_gives_the_exact_tokens(models, pair, scripted, params, pi
     assert {r.gamma_reason for r in res.rounds} == {"scripted"}
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_early_stop_on_low_confidence_keeps_the_tokens_exact(models, pair, scripted, params) -> None:
+    """Blocks end before a draft whose confidence (the draft's top probability, a function of
+    the prefix only) is low: the output is the exact algorithm's on the block lengths used,
+    pipelined or not, and the drafts cut off are reused when they still fit."""
+    cut = 0.08 if params.greedy else 0.15  # about the tiny draft's median confidence
+    runs = {}
+    for pipeline in (True, False):
+        scripted(SCHEDULE, stop_below=cut)
+        opts = GenerateOptions(gamma="auto", max_new_tokens=N, params=params, pipeline=pipeline)
+        runs[pipeline] = pair.run(PROMPT, opts)
+    on, off = runs[True], runs[False]
+    assert on.token_ids == off.token_ids and [r.gamma for r in on.rounds] == [r.gamma for r in off.rounds]
+    gammas = [r.gamma for r in off.rounds]
+    assert any(g < s for g, s in zip(gammas, SCHEDULE * N, strict=False)), gammas  # some blocks were cut
+    ref, _ = exact_reference(models["draft"], models["target"], PROMPT, gammas, params, N)
+    assert off.token_ids == ref[: len(off.token_ids)]
+
+
 def test_greedy_with_auto_gamma_equals_fixed_gamma(models) -> None:
     pair = InProcessPair.from_models(models["draft"], models["target"])
     auto = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
@@ -184,9 +208,10 @@ def test_auto_gamma_grows_with_a_slow_round_trip_and_stays_exact(models, scripte
         assert auto.token_ids == ref[: len(auto.token_ids)]
 
 
-def test_auto_gamma_never_drafts_past_the_tokens_wanted(pair) -> None:
-    res = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=3, params=GREEDY))
-    assert res.rounds[0].gamma == 2  # a round yields up to γ + 1 tokens
+def test_auto_gamma_never_drafts_past_the_tokens_wanted(models) -> None:
+    fresh = InProcessPair.from_models(models["draft"], models["target"])
+    res = fresh.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=3, params=GREEDY))
+    assert res.rounds[0].gamma == 2  # the prior's 4, capped: a round yields up to γ + 1 tokens
 
 
 def test_bad_gamma_option_is_refused() -> None:
@@ -230,3 +255,17 @@ def test_api_request_takes_auto_or_a_fixed_gamma(models, pair) -> None:
     assert parse_request(agent, body, "completion", context=None).opts.gamma == 6
     del body["spececd"]
     assert parse_request(agent, body, "completion", context=None).opts.gamma == 3
+
+
+def test_drafter_ends_the_block_before_an_unconfident_draft(models) -> None:
+    from edge_agent.drafter import Drafter
+
+    drafter = Drafter(models["draft"])
+    for params in (GREEDY, SAMPLED):
+        drafter.reset(PROMPT, params)
+        full = drafter.propose(6)
+        assert len(full.confidence) == 6 and all(0.0 < c <= 1.0 for c in full.confidence)
+        drafter.reset(PROMPT, params)
+        cut = drafter.propose(6, stop_below=(0.0, 0.0, 2.0))  # position 2 never confident enough
+        assert cut.tokens == full.tokens[:2] and cut.confidence == pytest.approx(full.confidence[:2])
+        assert [t for t, _ in drafter.pending] == list(full.tokens[:3])  # the cut-off draft stays pending

@@ -220,3 +220,23 @@ def test_successor_keeps_the_device_and_network_figures() -> None:
     assert not first.reason.startswith("prior") and first.gamma == ctrl.decide().gamma
     assert nxt.predict(first.gamma) == pytest.approx(ctrl.predict(first.gamma))
     assert ctrl.successor(fixed=2).decide().gamma == 2
+
+
+def test_early_stop_learns_which_confidences_pay() -> None:
+    """Drafts of confidence 0.1 are always rejected, of 0.99 always accepted: after some rounds
+    the controller ends a block before an unconfident draft and keeps the confident ones."""
+    ctrl = GammaController()
+    assert ctrl.decide().stop_below == ()  # the prior round: nothing measured
+    simulate(ctrl, alpha=0.8, draft_ms=20.0, net_ms=10.0, verify=linear(20.0, 2.0), rounds=5)
+    assert set(ctrl.decide().stop_below) <= {0.0}  # no calibration yet: every bin sits at α̂
+    for r in range(40):
+        g = ctrl.decide().gamma
+        conf = tuple(0.99 if (r + i) % 3 else 0.1 for i in range(g))
+        n_acc = next((i for i, c in enumerate(conf) if c < 0.5), g)
+        ctrl.observe(Observation(gamma=g, n_acc=n_acc, draft_ms=20.0 * g, drafted=g, link_ms=30.0 + 2.0 * g,
+                                 verify_ms=20.0 + 2.0 * (g + 1), queue_ms=0.0, confidence=conf))  # fmt: skip
+    assert ctrl.accept_prob(0.1) < 0.2 and ctrl.accept_prob(0.99) > 0.8
+    stops = ctrl.decide().stop_below
+    assert len(stops) == ctrl.decide().gamma and stops[0] == 0.0
+    assert all(0.1 < c <= 0.99 for c in stops[1:]), stops
+    assert GammaController(fixed=4).decide().stop_below == ()
