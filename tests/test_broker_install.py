@@ -179,3 +179,56 @@ def test_migrating_an_acl_file_deployment_keeps_passwords_and_rights(tmp_path):
     finally:
         clients.close_all()
         broker.stop()
+
+
+def _mosquitto_uid() -> int | None:
+    try:
+        import pwd
+
+        return pwd.getpwnam("mosquitto").pw_uid
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _mosquitto_uid() is None, reason="needs root and a mosquitto user")
+def test_files_made_by_the_scripts_are_readable_after_the_broker_drops_root():
+    """As in production: started as root, Mosquitto drops to the `mosquitto` user before it loads
+    the plugins, so the dynamic-security file must be root:mosquitto 0640 (the scripts' job), and
+    the retain guard must still refuse a device's retained publish. Pytest's temp dirs are 0700,
+    so this one runs under a 0755 dir of its own."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="spececd-drop-"))
+    try:
+        root.chmod(0o755)
+        confdir, datadir, includedir = root / "etc", root / "data", root / "conf.d"
+        prepare_prod(confdir)
+        for d in (datadir, includedir):
+            d.mkdir(mode=0o755)
+        os.chown(datadir, _mosquitto_uid(), -1)  # type: ignore[arg-type]
+        port = free_port()
+        main = (BROKER_DIR / "mosquitto-main.conf").read_text()
+        main = render_conf(main, port=None, confdir=confdir, datadir=datadir, includedir=includedir)
+        (root / "mosquitto.conf").write_text(main.replace("user root\n", ""))  # drop to mosquitto
+        snippet = (BROKER_DIR / "mosquitto-prod.conf").read_text()
+        snippet = render_conf(snippet, port=port, confdir=confdir, datadir=datadir, main=False)
+        (includedir / "spececd.conf").write_text(snippet)
+        broker = Broker(kind="prod", workdir=root, conf=root / "mosquitto.conf", port=port,
+                        users=dict(PROD_USERS), ca_file=confdir / "certs" / "ca.crt")  # fmt: skip
+        broker.start()
+        try:
+            _serves(broker)
+            clients = Clients()
+            try:
+                with pytest.raises(BrokerAuthError, match="refused the publish"):
+                    clients.make(broker.config("devA")).publish(
+                        "spececd/v1/devA/open", b"r", retain=True, wait=True
+                    )
+            finally:
+                clients.close_all()
+        finally:
+            broker.stop()
+        assert "Error" not in broker.log.read_text(), broker.log.read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
