@@ -45,6 +45,15 @@ class EdgeAgent:
         self.round_observers: list[RoundObserver] = []
         self.result_observers: list[ResultObserver] = []
 
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens (prompt + generation) the draft takes: llama.cpp's context, else the torch
+        model's ``max_position_embeddings`` (None when unknown)."""
+        n_ctx = getattr(self.draft, "n_ctx", None)
+        if n_ctx is not None:
+            return int(n_ctx)
+        return getattr(getattr(self.draft.model, "config", None), "max_position_embeddings", None)
+
     def options(self, **overrides) -> GenerateOptions:
         """The agent's default options with some fields replaced (unknown names raise TypeError)."""
         return replace(self.defaults, **overrides)

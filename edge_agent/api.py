@@ -102,7 +102,7 @@ class _Api:
         self.max_queue, self.max_concurrent = max_queue, max_concurrent
         self.pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="spececd-gen")
         self.gate: _Gate | None = None  # made on the server's event loop
-        self.context = getattr(agent.draft.model.config, "max_position_embeddings", None)
+        self.context = agent.context_length
         self.started = int(time.time())
 
     # ------------------------------------------------------------ helpers

@@ -162,7 +162,7 @@ def _reply_in_process(
     """One chat turn on an in-process agent, streamed through the API's own job code."""
     from edge_agent.api_text import parse_request, run_job
 
-    context = getattr(agent.draft.model.config, "max_position_embeddings", None)
+    context = agent.context_length
     req = parse_request(agent, {"messages": messages, **params}, "chat", context=context)
     out = run_job(agent, req, on_text, threading.Event())
     return ApiReply(out.text, out.finish_reason, out.usage(), out.extension())

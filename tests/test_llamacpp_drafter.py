@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -331,3 +332,39 @@ def test_bench_runs_both_draft_backends_side_by_side(models, tmp_path, monkeypat
     edge = {r["draft_backend"]: r["token_ids"] for r in report["runs"] if r["mode"] == "edge-only"}
     assert edge["torch"] == edge["llama.cpp"], "the same f32 weights draft the same greedy tokens"
     assert "## Draft backends" in (out / "report.md").read_text()
+
+
+def test_the_edge_cli_and_api_run_a_gguf_draft(models, capsys) -> None:
+    """`spececd-edge generate --draft x.gguf --target DIR` (edge-only) and the local HTTP API with
+    the llama.cpp draft: the same tokens as the drafter alone."""
+    from edge_agent.api import create_app, start_server
+    from edge_agent.cli import main
+
+    _, gguf, target_dir = models
+    argv = ["generate", "The capital of France", "--raw", "--json", "--mode", "edge-only", "--draft", str(gguf),
+            "--target", str(target_dir), "--draft-backend", "llama.cpp", "--draft-threads", "1",
+            "--max-new-tokens", "8"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    draft = load_llamacpp_draft(gguf, threads=1, tokenizer=str(target_dir))
+    agent = EdgeAgent(
+        draft, None, defaults=GenerateOptions(mode="edge-only", max_new_tokens=8, params=GREEDY)
+    )
+    assert agent.context_length == draft.n_ctx
+    prompt = agent.encode_prompt("The capital of France", chat=False)
+    ggml = make_drafter(draft)
+    ggml.reset(prompt, GREEDY)
+    assert out["token_ids"] == list(ggml.propose(len(out["token_ids"])).tokens)
+
+    handle = start_server(create_app(agent, model_name="tiny", max_queue=2))
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "The capital of France", "max_tokens": 8,
+                           "temperature": 0, "spececd": {"mode": "edge-only"}}).encode()  # fmt: skip
+        req = urllib.request.Request(
+            handle.url + "/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+    finally:
+        handle.stop()
+    assert reply["choices"][0]["text"] == agent.decode(out["token_ids"])
