@@ -198,7 +198,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                     del draft  # the replay needs no model
                 link.shutdown()
                 replayer = Replayer(
-                    cfg, round_timeout_s=args.round_timeout_s, tag=f"c{ci}", pace=args.fleet_pace
+                    cfg, round_timeout_s=max(args.round_timeout_s, 600.0), tag=f"c{ci}", pace=args.fleet_pace
                 )
                 replayer.connect()
                 try:

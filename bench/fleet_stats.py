@@ -125,8 +125,20 @@ def summarize_cell(
     mode: str,
     gamma: int,
 ) -> dict:
-    """The replayer's figures of one cell: throughput, per-session rates, latency, exactness."""
-    t0, t1 = window
+    """The replayer's figures of one cell: throughput, per-session rates, latency, exactness.
+
+    Tokens are counted from the moment every session has had its first answer (steady state; at
+    most half the window) to the window's end: work in flight at the start of the count is then
+    credited about as much as the work in flight at its end is not, whereas counting from the
+    very start would charge the N prefills and first rounds, and lose the last rounds, of
+    sessions whose rounds are long compared with the window."""
+    t_begin, t1 = window
+    first: dict[int, float] = {}
+    for r in rounds:
+        if r.kind in ("draft", "decode") and r.t_reply <= t1:
+            first[r.slot] = min(first.get(r.slot, r.t_reply), r.t_reply)
+    half = t_begin + 0.5 * (t1 - t_begin)
+    t0 = min(max(first.values()), half) if len(first) == n else half
     span = max(1e-9, t1 - t0)
     inside = [r for r in rounds if t0 <= r.t_reply <= t1]
     work = [r for r in inside if r.kind in ("draft", "decode")]
@@ -145,7 +157,8 @@ def summarize_cell(
     return {
         "n": n,
         "mode": mode,
-        "window_s": round(span, 2),
+        "window_s": round(span, 2),  # counted part of the window (see above)
+        "warmup_s": round(t0 - t_begin, 2),
         "committed_tokens": tokens,
         "server_tokens_per_s": round(tokens / span, 3),
         "session_tokens_per_s": {
@@ -159,7 +172,7 @@ def summarize_cell(
         # a draft round minus the worker's forward: encode, broker, network, queue, decode
         "noncompute_ms_p50": _pct([r.latency_ms - r.verify_ms for r in work if r.kind == "draft"], 0.5),
         "queue_ms_p50": _pct([r.queue_ms for r in work], 0.5),
-        "open_ms_p50": _pct([r.latency_ms for r in inside if r.kind == "open"], 0.5),
+        "open_ms_p50": _pct([r.latency_ms for r in rounds if r.kind == "open"], 0.5),
         "unbatched_forwards": rounds_fwd,
         "unbatched_positions": rounds_pos,
         "verdict_batch_mean": round(statistics.fmean(batches), 3) if batches else None,
