@@ -1,0 +1,115 @@
+"""What one batched target forward costs against the same work one session at a time.
+
+For B sessions (each with its own KV cache of about ``--cache-len`` tokens) and k new positions
+per session, it times ONE padded forward over all B rows (``cloud_worker.batching.forward_rows``,
+the worker's batched path) and B separate single-session forwards (the unbatched worker), and
+reports both, their ratio and the batched forward in units of one single-token step.
+``--ragged`` spreads the cache lengths over [L/2, L] to show what padding the caches costs.
+
+    python -m bench.verify_cost --model /path/to/target [--cache-len 96] [--batches 1,2,4,8,16]
+        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+from cloud_worker.batching import Row, forward_rows
+from shared.kvcache import crop, forward_cached
+from shared.models import load_model
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _caches(model, vocab: int, lengths: list[int], rng: random.Random) -> list[DynamicCache]:
+    out = []
+    with torch.inference_mode():
+        for n in lengths:
+            cache = DynamicCache()
+            forward_cached(model, [rng.randrange(vocab) for _ in range(n)], cache)
+            out.append(cache)
+    return out
+
+
+def measure(model, vocab: int, b: int, k: int, lengths: list[int], repeat: int, rng: random.Random) -> dict:
+    """Median ms of one batched forward and of b single forwards (b sessions × k new tokens)."""
+    caches = _caches(model, vocab, lengths, rng)
+    news = [[rng.randrange(vocab) for _ in range(k)] for _ in range(b)]
+    batched, single = [], []
+    with torch.inference_mode():
+        for _ in range(repeat + 1):  # the first round warms up
+            rows = [Row(c, n, list(t)) for c, n, t in zip(caches, lengths, news, strict=True)]
+            t0 = time.perf_counter()
+            forward_rows(model, rows, vocab)
+            batched.append((time.perf_counter() - t0) * 1e3)
+            for c, n in zip(caches, lengths, strict=True):  # one row runs in place: restore it
+                crop(c, c.get_seq_length(), n)
+            t0 = time.perf_counter()
+            for c, n, t in zip(caches, lengths, news, strict=True):
+                forward_cached(model, t, c)
+                crop(c, n + k, n)
+            single.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "B": b,
+        "k": k,
+        "batched_ms": statistics.median(batched[1:]),
+        "unbatched_ms": statistics.median(single[1:]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.verify_cost", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="target model: folder, GGUF or hub id (as spececd-worker)")
+    ap.add_argument("--cache-len", type=int, default=96)
+    ap.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--positions", type=_ints, default=[1, 3])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ragged", action="store_true", help="cache lengths spread over [L/2, L]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    rng = random.Random(args.seed)
+    vocab = loaded.vocab_size
+    step = measure(loaded.model, vocab, 1, 1, [args.cache_len], args.repeat, rng)["unbatched_ms"]
+    print(f"model {args.model}: one step (B=1, k=1, cache {args.cache_len}) = {step:.1f} ms")
+    print(f"{'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} {'x one step':>11}")
+    rows = []
+    for k in args.positions:
+        for b in args.batches:
+            if args.ragged:
+                lengths = [rng.randint(args.cache_len // 2, args.cache_len) for _ in range(b)]
+            else:
+                lengths = [args.cache_len] * b
+            r = measure(loaded.model, vocab, b, k, lengths, args.repeat, rng)
+            r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
+            r["x_step"] = r["batched_ms"] / step
+            rows.append(r)
+            print(
+                f"{b:>3} {k:>2} {r['batched_ms']:>11.1f} {r['unbatched_ms']:>12.1f} {r['speedup']:>9.2f} {r['x_step']:>11.2f}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"model": args.model, "cache_len": args.cache_len, "step_ms": step, "rows": rows}, f, indent=1
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The parts of batched verification without a broker: the padded forward, Verifier.run over
+many sessions, the scheduler's fairness and bounds, the per-device open rate, bench.verify_cost."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from cloud_worker.batching import Row, forward_rows
+from cloud_worker.quotas import OpenRate
+from cloud_worker.scheduler import Job, Scheduler
+from cloud_worker.verifier import Step, Verifier
+from shared.kvcache import forward_cached
+from shared.models import load_model
+from shared.protocol import Decode, Draft, Open, Tokens, Verdict
+from shared.sampling import SamplingParams, sparsify
+from tests.tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def target(request, tmp_path_factory):
+    return load_model(
+        str(make_tiny_model_dir(tmp_path_factory.mktemp(request.param) / "t", arch=request.param, seed=2))
+    )
+
+
+def _cache(model, tokens: list[int]) -> DynamicCache:
+    cache = DynamicCache()
+    if tokens:
+        with torch.inference_mode():
+            forward_cached(model, tokens, cache)
+    return cache
+
+
+def test_padded_forward_equals_single_forwards(target) -> None:
+    rng = random.Random(0)
+    v = target.vocab_size
+    for _ in range(6):
+        specs = [([rng.randrange(v) for _ in range(rng.randint(0, 30))], [rng.randrange(v) for _ in range(rng.randint(1, 6))]) for _ in range(rng.randint(2, 5))]  # fmt: skip
+        rows = [Row(_cache(target.model, past), len(past), new) for past, new in specs]
+        batched = forward_rows(target.model, rows, v)
+        for (past, new), row, got in zip(specs, rows, batched, strict=True):
+            ref_cache = _cache(target.model, past)
+            (want,) = forward_rows(target.model, [Row(ref_cache, len(past), new)], v)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # float rounding only
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            assert row.cache_len == len(past) + len(new) == row.cache.get_seq_length()
+            nxt = [rng.randrange(v)]  # the returned cache continues like the unbatched one
+            with torch.inference_mode():
+                a = forward_cached(target.model, nxt, row.cache)
+                b = forward_cached(target.model, nxt, ref_cache)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=0.8, seed=9)], ids=["greedy", "seeded"]
+)
+def test_run_over_many_sessions_equals_one_at_a_time(target, params) -> None:
+    """Drafts of different γ, a decode and an open share one forward; every answer equals the
+    answer of the unbatched path."""
+    batched, single = Verifier(target), Verifier(target)
+    ctxs = {"a": (5, 17, 42), "b": (7, 8, 9, 10, 11, 12), "c": (3, 4)}
+    for verifier in (batched, single):
+        for sid, ctx in ctxs.items():
+            verifier.open(
+                Open(sid=sid, epoch=0, ctx=ctx, sampling=params, draft_model="", target_model="", max_new=20)
+            )
+
+    def q_for(tok):
+        if params.greedy:
+            return None
+        return tuple(sparsify(torch.softmax(torch.randn(target.vocab_size, generator=torch.Generator().manual_seed(t)), -1).index_fill(0, torch.tensor([t]), 0.5)) for t in tok)  # fmt: skip
+
+    reqs = [
+        Draft(sid="a", epoch=0, seq=0, pos=3, tok=(1, 2, 3, 4), q=q_for((1, 2, 3, 4))),
+        Draft(sid="b", epoch=0, seq=0, pos=6, tok=(9,), q=q_for((9,))),
+        Decode(sid="c", epoch=0, seq=0, pos=2, n=3),
+        Open(
+            sid="d", epoch=0, ctx=(1, 2, 3, 4, 5), sampling=params, draft_model="", target_model="", max_new=8
+        ),
+    ]
+    steps = [batched.prepare(r) for r in reqs]
+    assert all(isinstance(s, Step) for s in steps)
+    answers = {s.key: replies for s, replies in batched.run(steps)}
+    assert all(s.batch == 4 for s in steps)
+    for r in reqs[:2]:
+        want = single.verify(r)
+        got = answers[r.sid][0]
+        assert isinstance(got, Verdict) and (got.n_acc, got.next, got.alpha) == (
+            want.n_acc,
+            want.next,
+            want.alpha,
+        )
+    parts: list[Tokens] = []
+    single.decode(reqs[2], parts.append)
+    assert answers["c"][0].tok == parts[0].tok and steps[2].more  # the decode's next step goes back
+    assert answers["d"][0].pos == 5 and "d" in batched.sessions
+
+
+def _job(device: str, sid: str, k: int = 3, prefill: bool = False) -> Job:
+    key = f"{device}/{sid}"
+    job = Job(key, device, sid, None, "", None, 0.0, prefill=prefill)
+    job.step = Step(key, None, Row(None, 0, [1] * k), None)  # type: ignore[arg-type]
+    return job
+
+
+def _prepare(job: Job):
+    return job.step
+
+
+def test_scheduler_round_robin_by_device() -> None:
+    sched = Scheduler(max_tokens=1000, max_sessions=4)
+    for i in range(10):
+        sched.push(_job("flood", f"s{i}"))
+    sched.push(_job("calm", "c0"))
+    first = sched.select(_prepare)
+    assert len(first) == 4 and "calm/c0" in {j.key for j, _ in first}
+    assert len({j.key for j, _ in first}) == 4  # one job per session per forward
+    seen = {j.key for j, _ in first}
+    while len(sched):
+        batch = sched.select(_prepare)
+        assert not seen & {j.key for j, _ in batch}  # every flood session served before a repeat
+        seen |= {j.key for j, _ in batch}
+    assert len(seen) == 11
+
+
+def test_scheduler_one_job_per_session_and_bounds() -> None:
+    sched = Scheduler(max_tokens=12, max_sessions=8)
+    sched.push(_job("d", "a", k=3))
+    sched.push(_job("d", "a", k=3))  # the same session's next request waits for the next forward
+    sched.push(_job("e", "b", k=3))
+    sched.push(_job("f", "c", k=5))
+    sched.push(_job("g", "p", k=100, prefill=True))
+    batch = sched.select(_prepare)
+    keys = [j.key for j, _ in batch]
+    assert keys.count("d/a") == 1
+    width = max(len(s.row.tokens) for _, s in batch)
+    assert len(batch) * width <= 12
+    while len(sched):  # a long prefill alone is cut to the budget, never starved
+        for _, step in sched.select(_prepare):
+            assert len(step.row.tokens) <= 12
+
+
+def test_open_rate_bucket() -> None:
+    now = [0.0]
+    rate = OpenRate(2.0, burst=3, clock=lambda: now[0])
+    assert [rate.allow("x") for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("y")  # another device has its own bucket
+    now[0] = 0.5  # one more open's worth
+    assert rate.allow("x") and not rate.allow("x")
+    assert OpenRate(0, burst=1).allow("x")  # 0 = off
+
+
+def test_verify_cost_bench_runs(tmp_path) -> None:
+    from bench import verify_cost
+
+    folder = make_tiny_model_dir(tmp_path / "m", arch="qwen2", seed=1)
+    out = tmp_path / "cost.json"
+    assert verify_cost.main(["--model", str(folder), "--batches", "1,2", "--positions", "1", "--repeat", "1", "--cache-len", "8", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["k"]) for r in rows] == [(1, 1), (2, 1)]
+    assert all(r["batched_ms"] > 0 and r["unbatched_ms"] > 0 for r in rows)
