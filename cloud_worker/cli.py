@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from cloud_worker.worker import Worker, install_sigterm
+from cloud_worker.worker import Worker, connect_early, install_sigterm
 from shared.config import add_config_arguments, add_version_argument, apply_environment, config_from_args
 from shared.errors import SpecECDError
 from shared.logs import register_secrets_of, setup_logging
@@ -39,18 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     apply_environment(cfg)
     metrics = None
     try:
-        log.info("loading target model %s", cfg.target)
-        target = load_model(
-            cfg.target, device=cfg.model_device, dtype=cfg.dtype, offline=not cfg.allow_download
-        )
+        # The broker first (a wrong address or password fails now, not after the load), with the
+        # retained status `loading`; metrics early too, so the healthcheck reads "not ready".
+        broker = broker_config_from_settings(cfg.broker)
+        client = connect_early(broker, worker_id=cfg.worker_id)
         if cfg.metrics_listen is not None:
             from shared.metrics import WorkerMetrics
 
             metrics = WorkerMetrics()
+            metrics.watch_broker(client.connected.is_set)
             metrics.serve(cfg.metrics_listen.host, cfg.metrics_listen.port)
+        log.info("loading target model %s", cfg.target)
+        target = load_model(
+            cfg.target, device=cfg.model_device, dtype=cfg.dtype, offline=not cfg.allow_download
+        )
         worker = Worker(
             target,
-            broker_config_from_settings(cfg.broker),
+            broker,
             worker_id=cfg.worker_id,
             draft_name=cfg.draft,
             max_sessions=cfg.max_sessions,
@@ -61,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             max_sessions_per_device=cfg.max_sessions_per_device,
             max_opens_per_s_per_device=cfg.max_opens_per_s_per_device,
             metrics=metrics,
+            client=client,
         )
-        if metrics is not None:
-            metrics.watch_broker(lambda: worker.client.connected.is_set())
         done = install_sigterm(worker)
         worker.start()
+        if metrics is not None:
+            metrics.watch_ready(worker.ready)
     except SpecECDError as exc:
         log.error("%s", exc)
         print(f"spececd-worker: {exc}", file=sys.stderr)

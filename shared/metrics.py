@@ -160,10 +160,19 @@ class WorkerMetrics:
         )
         self.build = _build_info(p + "build", r)
         self.broker_connected = _broker_gauge(p + "broker_connected", r)
+        self.ready = Gauge(
+            p + "ready",
+            "1 when the worker can serve: connected to the broker and its model loaded, else 0.",
+            registry=r,
+        )
 
     def watch_broker(self, connected: Any) -> None:
         """Read ``spececd_worker_broker_connected`` from ``connected()`` at each scrape."""
         _watch(self.broker_connected, connected)
+
+    def watch_ready(self, ready: Any) -> None:
+        """Read ``spececd_worker_ready`` (the container healthcheck's signal) from ``ready()``."""
+        _watch(self.ready, ready)
 
     def session_opened(self) -> None:
         """A session was opened or re-opened (a new epoch) on this worker."""

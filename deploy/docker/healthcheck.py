@@ -3,8 +3,9 @@ worker is connected to the broker (stdlib only, no model libraries: it runs ever
 
 The address comes from SPECECD_METRICS_LISTEN (HOST:PORT; a wildcard host is probed on
 loopback), default 127.0.0.1:9464. Exit 0 when ``/metrics`` answers 200 with
-``spececd_worker_broker_connected 1``, 1 otherwise (down, still loading its model — the worker
-serves metrics once loaded — or off the broker).
+``spececd_worker_broker_connected 1`` and without ``spececd_worker_ready 0``, 1 otherwise
+(down, off the broker, or still loading its model: the worker connects and serves metrics first,
+with ready 0 until the model is loaded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import urllib.request
 
 _CONNECTED = re.compile(rb"^spececd_worker_broker_connected(?:\{[^}]*\})? 1(?:\.0)?$", re.M)
+_NOT_READY = re.compile(rb"^spececd_worker_ready(?:\{[^}]*\})? 0(?:\.0)?$", re.M)
 
 
 def main() -> int:
@@ -35,6 +37,9 @@ def main() -> int:
         return 1
     if not _CONNECTED.search(body):
         print(f"unhealthy: {url} says the worker is not connected to the broker", file=sys.stderr)
+        return 1
+    if _NOT_READY.search(body):
+        print(f"unhealthy: {url} says the worker is not ready (model loading)", file=sys.stderr)
         return 1
     return 0
 
