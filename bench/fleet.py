@@ -115,14 +115,14 @@ def record_all(
 
 
 def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, seconds: float,
-             worker_pid: int, metrics_url: str, gamma: int, rss: RssSampler | None = None) -> dict:  # fmt: skip
+             worker_pid: int, metrics_url: str) -> dict:  # fmt: skip
     """One (N, mode) cell: N slots replaying for ``seconds``; returns its figures."""
     before = scrape(metrics_url)
     cpu_w0, cpu_r0 = proc_cpu_s(worker_pid), time.process_time()
     t0, t1 = replayer.run(plan_slots(n, only(recs, FLEET_MODES[mode]), device_prefix=f"fleet{mode[:1]}"),
                           duration_s=seconds)  # fmt: skip
     cpu_w, cpu_r = proc_cpu_s(worker_pid) - cpu_w0, time.process_time() - cpu_r0
-    cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode, gamma=gamma)
+    cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode)
     add_forward_figures(cell, forward_counts(before, scrape(metrics_url)))
     rounds = max(1, len([r for r in replayer.rounds if r.kind != "open"]))
     wall = time.perf_counter() - t0  # the window plus the drain: what both CPU figures cover
@@ -204,13 +204,12 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                 try:
                     if long_run:
                         long = {"worker": name, **run_cell(replayer, recs, n=max(ns), mode=modes[0],
-                                seconds=args.fleet_duration, worker_pid=proc.pid, metrics_url=murl,
-                                gamma=args.gamma[0])}  # fmt: skip
+                                seconds=args.fleet_duration, worker_pid=proc.pid, metrics_url=murl)}  # fmt: skip
                     else:
                         for n in ns:
                             for mode in modes:
                                 cell = run_cell(replayer, recs, n=n, mode=mode, seconds=args.fleet_seconds,
-                                                worker_pid=proc.pid, metrics_url=murl, gamma=args.gamma[0])  # fmt: skip
+                                                worker_pid=proc.pid, metrics_url=murl)  # fmt: skip
                                 cells.append({"worker": name, **cell})
                                 _progress(args, cells[-1])
                 finally:

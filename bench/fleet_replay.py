@@ -45,6 +45,7 @@ class RoundRecord:
     batch_pos: int | None = None  # positions in that forward, when the verdict says
     verify_ms: float = 0.0  # the worker's compute for this answer (its timings; summed over a decode's parts)
     queue_ms: float = 0.0  # the wait on the worker before that compute
+    gamma: int = 0  # draft tokens of the block (0 for a decode)
 
     @property
     def latency_ms(self) -> float:
@@ -286,7 +287,8 @@ class Replayer:
         verify_ms = reply.verify_ms if kind == "draft" else slot.part_ms
         self.rounds.append(RoundRecord(slot.index, slot.device, kind, slot.t_send, t, step.committed, match,
                                        getattr(reply, "batch", None), getattr(reply, "batch_pos", None),
-                                       verify_ms, reply.queue_ms))  # fmt: skip
+                                       verify_ms, reply.queue_ms,
+                                       len(step.msg.tok) if kind == "draft" else 0))  # fmt: skip
         gen.tokens += step.committed
         if not match:
             self._end_generation(

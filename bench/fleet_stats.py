@@ -123,7 +123,6 @@ def summarize_cell(
     *,
     n: int,
     mode: str,
-    gamma: int,
 ) -> dict:
     """The replayer's figures of one cell: throughput, per-session rates, latency, exactness.
 
@@ -151,7 +150,7 @@ def summarize_cell(
     # Without the worker's own counts: an unbatched worker runs one forward per draft block (γ + 1
     # positions) and one per decoded token (1 position).
     rounds_fwd = sum(1 if r.kind == "draft" else r.committed for r in work)
-    rounds_pos = sum(gamma + 1 if r.kind == "draft" else r.committed for r in work)
+    rounds_pos = sum(r.gamma + 1 if r.kind == "draft" else r.committed for r in work)
     mism = [g for g in gens if g.mismatch]
     errs = [g for g in gens if g.error]
     return {
