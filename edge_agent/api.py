@@ -33,6 +33,7 @@ from starlette.routing import Route
 from edge_agent.agent import EdgeAgent
 from edge_agent.api_server import ServerHandle, start_server, uvicorn_server
 from edge_agent.api_text import ApiError, GenRequest, Outcome, parse_request, run_job
+from edge_agent.service import serving_state
 from shared.config_keys import MAX_BODY_BYTES
 from shared.errors import CloudUnavailableError, SpecECDError
 from shared.metrics import CONTENT_TYPE_LATEST, EdgeMetrics
@@ -292,17 +293,20 @@ class _Api:
     async def health(self, request: Request) -> Response:
         link = self.agent.link
         cloud = "none" if link is None else ("up" if link.available() else "down")
+        serving, why = serving_state(link, self.agent.defaults)  # 503 when the policy cannot serve
         gate = self.gate
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "ok" if serving else "unavailable",
+                "detail": why,
                 "model": self.model_name,
                 "mode": self.agent.defaults.mode,
                 "cloud": cloud,
                 "in_flight": gate.active if gate else 0,
                 "queued": gate.waiting if gate else 0,
                 "max_queue": self.max_queue,
-            }
+            },
+            status_code=200 if serving else 503,
         )
 
     async def metrics_endpoint(self, request: Request) -> Response:

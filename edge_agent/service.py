@@ -191,3 +191,25 @@ def start_edge_service(
         raise
     notifier.ready(status="ready" if connect_broker is not None else "ready (edge-only)")
     return draft, broker
+
+
+def serving_state(link: Any, opts: Any) -> tuple[bool, str]:
+    """Whether the agent can serve a request now under its mode and cloud-unreachable policy,
+    and why (the edge's /health answers 503 when it cannot).
+
+    ``link`` is the agent's ``VerifierLink`` (None in edge-only mode), ``opts`` its default
+    ``GenerateOptions``. With the cloud unreachable only speculative mode under policy ``draft``
+    can serve (the draft model alone, each token flagged); ``wait`` would block and ``fail``
+    would refuse, and cloud-only mode has no draft model to fall back on."""
+    if opts.mode == "edge-only":
+        return True, "edge-only: the draft model alone"
+    if link is None:
+        return False, f"mode {opts.mode} needs a link to the cloud and this agent has none"
+    if link.available():
+        return True, "cloud up"
+    if opts.mode == "speculative" and opts.on_cloud_unreachable == "draft":
+        return True, "cloud down: serving unverified draft-model tokens (policy draft)"
+    return (
+        False,
+        f"cloud down (broker or workers) and mode {opts.mode} with policy {opts.on_cloud_unreachable}",
+    )
