@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draft only after each verdict (default: draft the next block during the verify)")  # fmt: skip
     ap.add_argument("--no-pin", action="store_true", help="do not pin edge and worker to separate cores")
     ap.add_argument("--warmup-tokens", type=int, default=4, help="tokens of the untimed warm-up run per mode")
-    ap.add_argument("--round-timeout-s", type=float, default=60.0, help="MQTT round deadline")
+    ap.add_argument("--round-timeout-ms", type=int, default=60_000,
+                    help="MQTT round deadline in ms, as spececd-edge's --round-timeout-ms (default 60000)")  # fmt: skip
+    ap.add_argument("--round-timeout-s", type=float, default=None, help=argparse.SUPPRESS)  # the old spelling
     ap.add_argument(
         "--worker-timeout-s", type=float, default=600.0, help="how long the worker may take to load"
     )
@@ -162,6 +164,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--draft-backend llama.cpp runs a .gguf draft: pass one with --draft")
     if (args.host is None) != (args.port is None) and args.start_broker is not True:
         raise UsageError("give both --host and --port (or neither: the bench starts its own broker)")
+    if args.round_timeout_s is not None:  # the old --round-timeout-s still works
+        args.round_timeout_ms = round(args.round_timeout_s * 1e3)
+    if args.round_timeout_ms < 1:
+        raise UsageError("--round-timeout-ms must be >= 1")
+    args.round_timeout_s = args.round_timeout_ms / 1e3  # what the runners read
 
 
 def placement(no_pin: bool) -> tuple[set[int] | None, set[int] | None, str]:

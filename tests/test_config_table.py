@@ -255,3 +255,14 @@ def test_help_shows_choices():
         with contextlib.redirect_stdout(buf):
             parser.print_help()
         assert "{debug,info,warning,error,critical}" in buf.getvalue()
+
+
+def test_bench_round_timeout_in_ms_as_the_edge():
+    from bench.cli import build_parser, check_args
+
+    args = build_parser().parse_args(["--round-timeout-ms", "2500"])
+    check_args(args)
+    assert args.round_timeout_s == 2.5
+    old = build_parser().parse_args(["--round-timeout-s", "3"])  # the old spelling still works
+    check_args(old)
+    assert (old.round_timeout_ms, old.round_timeout_s) == (3000, 3.0)
