@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 GAMMA_AUTO = "auto"
 CONF_EDGES = (0.0, 0.3, 0.5, 0.7, 0.85, 0.95)  # lower edges of the draft-confidence bins
@@ -286,10 +286,11 @@ class GammaController:
     def successor(self, *, fixed: int | None = None) -> GammaController:
         """A controller for the next session of the same draft model and link: it keeps what
         this one measured of the device, the network and the worker (draft cost, round trip,
-        queue, batch occupancy, verify cost by positions), and starts from this session's α̂ as
-        its acceptance prior (a new prompt may accept differently: the prior's weight stays
-        ``alpha_weight``). Its first round then needs no guess."""
-        nxt = GammaController(replace(self.priors, alpha=min(max(self.alpha, 0.02), 0.98)), fixed=fixed)
+        queue, batch occupancy, verify cost by positions) and of the draft pair (acceptance by
+        draft confidence), so its first round needs no guess. The acceptance α starts again
+        from the prior: it belongs to the prompt (and a benchmark that runs one prompt in
+        several cells in a row must not hand one cell's α̂ to the next)."""
+        nxt = GammaController(self.priors, fixed=fixed)
         nxt._draft, nxt._net, nxt._queue, nxt._others = (
             copy.copy(self._draft),
             copy.copy(self._net),

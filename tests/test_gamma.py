@@ -215,10 +215,10 @@ def test_successor_keeps_the_device_and_network_figures() -> None:
     ctrl = GammaController()
     simulate(ctrl, alpha=0.9, draft_ms=5.0, net_ms=80.0, verify=cpu_steps(100.0), rounds=30, seed=8)
     nxt = ctrl.successor()
-    assert nxt.rounds == 0 and nxt.priors.alpha == pytest.approx(ctrl.alpha)
+    assert nxt.rounds == 0 and nxt.alpha == pytest.approx(0.7)  # α belongs to the prompt: the prior again
     first = nxt.decide()
-    assert not first.reason.startswith("prior") and first.gamma == ctrl.decide().gamma
-    assert nxt.predict(first.gamma) == pytest.approx(ctrl.predict(first.gamma))
+    assert not first.reason.startswith("prior")
+    assert nxt.predict(first.gamma)[1] == pytest.approx(ctrl.predict(first.gamma)[1])  # same costs
     assert ctrl.successor(fixed=2).decide().gamma == 2
 
 
