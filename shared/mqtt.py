@@ -338,11 +338,11 @@ class MqttClient:
             self.connected.set()
             return
         # Resubscribing waits for SUBACKs, which this (network) thread delivers: do it elsewhere.
-        threading.Thread(
-            target=self._resume, args=(not first,), name=f"mqtt-resume-{self.client_id}", daemon=True
-        ).start()
+        threading.Thread(target=self._resume, name=f"mqtt-resume-{self.client_id}", daemon=True).start()
 
-    def _resume(self, hooks: bool) -> None:
+    def _resume(self) -> None:
+        """Make every subscription, set ``connected``, run the ``on_reconnect`` hooks (also after
+        a first connection made in the background)."""
         done: set[str] = set()
         try:
             while True:  # a subscription recorded meanwhile is made too
@@ -358,7 +358,7 @@ class MqttClient:
             log.warning("subscribing after a (re)connect failed (%s); will retry on the next one", exc)
             return
         log.debug("connected to %s, %d subscription(s) made", self.config.address, len(done))
-        for hook in list(self.on_reconnect) if hooks else []:
+        for hook in list(self.on_reconnect):
             try:
                 hook()
             except Exception:

@@ -17,10 +17,19 @@ import pytest
 
 from edge_agent.mqtt_link import MqttLink
 from shared import topics
-from shared.errors import BrokerError
+from shared.errors import BrokerError, CloudUnavailableError
 from shared.mqtt import Backoff, make_client
+from shared.protocol import Open
+from shared.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _until(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(pred())
 
 
 def test_backoff_is_exponential_jittered_capped_and_resets() -> None:
@@ -103,6 +112,21 @@ def test_background_connect_keeps_one_client(own_dev_broker, uid) -> None:
     try:
         assert not link.available()
         broker.start()
+        assert _until(link.client.connected.is_set, 15)
+        start = time.monotonic()
+        with pytest.raises(CloudUnavailableError, match="no worker is online"):
+            link.open(
+                Open(
+                    sid=uid,
+                    epoch=0,
+                    ctx=(1, 2),
+                    sampling=SamplingParams(),
+                    draft_model="",
+                    target_model="",
+                    max_new=4,
+                )
+            )
+        assert time.monotonic() - start < 2.0  # no open_timeout_s stall
         announcer = make_client(broker.config(), client_id=f"ann-{uid}")
         announcer.connect()
         announcer.publish(
