@@ -25,6 +25,11 @@ round, so it follows a changing prompt, network or worker load within a few roun
 - others: positions of the other sessions verified in the same forward, when the worker's
   verdict says (optional ``batch_pos`` field; 0 otherwise).
 
+Early stop: the controller also learns how often a draft of a given confidence (the draft's
+top probability) is accepted, and gives the drafter per-position thresholds below which ending
+the block there beats going on (:meth:`GammaController._stop_thresholds`). A new session on the
+same link and draft model starts from the last one's figures (:meth:`GammaController.successor`).
+
 Pure: no clocks, no I/O; every figure comes in through :class:`Observation`. Exactness does
 not depend on it: γ only changes how many tokens are proposed.
 """
