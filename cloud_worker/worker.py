@@ -167,7 +167,8 @@ class Worker:
                 if self._stopping:
                     return
                 self._intake(self.jobs.get())
-            self._drain_intake()
+            if not self._stopping:  # draining: finish what was queued before the stop, take nothing new
+                self._drain_intake()
             if self.batch_window_s and len(self.scheduler) and not self._stopping:
                 deadline = time.monotonic() + self.batch_window_s
                 while len(self.scheduler) < self.scheduler.max_sessions and time.monotonic() < deadline:
