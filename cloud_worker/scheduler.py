@@ -23,6 +23,8 @@ from typing import Any
 
 from cloud_worker.verifier import Step
 
+MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
+
 
 @dataclass
 class Job:
@@ -53,9 +55,12 @@ class Scheduler:
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
-    def push(self, job: Job, *, front: bool = False) -> None:
-        """Queue ``job`` behind its session's others (``front``: a continuing step, before them)."""
+    def push(self, job: Job, *, front: bool = False) -> bool:
+        """Queue ``job`` behind its session's others (``front``: a continuing step, before them).
+        False (not queued) when the session already has ``MAX_QUEUED_PER_SESSION`` jobs waiting."""
         q = self.queues.get(job.key)
+        if q is not None and len(q) >= MAX_QUEUED_PER_SESSION and not front:
+            return False
         if q is None:
             q = self.queues[job.key] = deque()
             self.devices.setdefault(job.device, deque()).append(job.key)
@@ -63,6 +68,7 @@ class Scheduler:
             q.appendleft(job)
         else:
             q.append(job)
+        return True
 
     def drop(self, key: str) -> list[Job]:
         """Remove and return every queued job of session ``key``."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,7 +115,8 @@ class Verifier:
         self.prefill_chunk = 1 << 30  # positions of an open fed per step (the scheduler lowers it)
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.evictions = 0
-        self.evicted: list[tuple[str, _Session]] = []  # (key, session) evicted since last drained
+        # (key, session) evicted since the worker last answered them; bounded for callers that never drain
+        self.evicted: deque[tuple[str, _Session]] = deque(maxlen=max(1024, 4 * max_sessions))
 
     # -- sessions ---------------------------------------------------------------------------
 

@@ -271,7 +271,7 @@ class Worker:
     def _answer_evicted(self) -> None:
         """Tell every evicted session at once (its queued requests too), never by deadline."""
         while self.verifier.evicted:
-            key, sess = self.verifier.evicted.pop(0)
+            key, sess = self.verifier.evicted.popleft()
             self.metrics.evicted()
             owned = self.owned.get(key)
             down = owned.down if owned is not None else None
@@ -345,7 +345,12 @@ class Worker:
             )  # waits for the SUBACK
         self.owned[key] = Owned(device=device, sid=req.sid, down=down)
         self.owned.move_to_end(key)
-        self.scheduler.push(Job(key, device, req.sid, req, down, msg, msg.received_at, prefill=True))
+        if not self.scheduler.push(Job(key, device, req.sid, req, down, msg, msg.received_at, prefill=True)):
+            self._count("overloaded")
+            self._send_error(
+                down, req.sid, "overloaded", "too many requests queued for this session", None, msg
+            )
+            return
         self._trim_owned()
 
     def _handle_up(self, msg: Incoming, device: str, sid: str) -> None:
@@ -365,7 +370,11 @@ class Worker:
             )
             return
         if isinstance(req, (Draft, Decode)):
-            self.scheduler.push(Job(key, device, sid, req, down, msg, msg.received_at))
+            if not self.scheduler.push(Job(key, device, sid, req, down, msg, msg.received_at)):
+                self._count("overloaded")
+                self._send_error(
+                    down, sid, "overloaded", "too many requests queued for this session", req.seq, msg
+                )
         elif isinstance(req, Close):
             self.verifier.close(req.sid, req.epoch, device=device)
             if key not in self.verifier.sessions:

@@ -164,3 +164,12 @@ def test_verify_cost_bench_runs(tmp_path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [(r["B"], r["k"]) for r in rows] == [(1, 1), (2, 1)]
     assert all(r["batched_ms"] > 0 and r["unbatched_ms"] > 0 for r in rows)
+
+
+def test_scheduler_caps_queued_jobs_per_session() -> None:
+    from cloud_worker.scheduler import MAX_QUEUED_PER_SESSION
+
+    sched = Scheduler()
+    assert [sched.push(_job("d", "a")) for _ in range(MAX_QUEUED_PER_SESSION + 2)].count(False) == 2
+    assert sched.push(_job("d", "b"))  # another session of the device is not affected
+    assert sched.push(_job("d", "a"), front=True)  # a continuing step always goes back
