@@ -31,7 +31,7 @@ def _gamma_stats(runs: list[dict]) -> dict:
     for x in rounds:
         hist[x["gamma"]] += 1
     tokens = sum(x["n_acc"] + 1 for x in predicted)
-    ms = sum(x["draft_ms"] + x["link_ms"] for x in predicted)
+    ms = sum(x["draft_ms"] + x["link_ms"] + x.get("overhang_ms", 0.0) for x in predicted)
     return {
         "gamma_mean": sum(x["gamma"] for x in rounds) / len(rounds) if rounds else None,
         "gamma_hist": dict(sorted(hist.items())),

@@ -122,6 +122,7 @@ def round_record(r: RoundStats) -> dict:
         "prefetched": r.prefetched,  # drafts made ahead during the previous verify
         "pred_tokens": round(r.pred_tokens, 3),  # the γ controller's prediction for this round
         "pred_ms": round(r.pred_ms, 3),
+        "overhang_ms": round(r.overhang_ms, 3),  # pipelined: a draft-ahead forward outlived the verdict
         "gamma_reason": r.gamma_reason,
         "bytes_up": r.bytes_up,
         "bytes_down": r.bytes_down,

@@ -6,7 +6,7 @@ expected committed tokens per second of the coming round,
 
     rate(γ) = E[tokens | γ] / T(γ),
     E[tokens | γ] = (1 − α^(γ+1)) / (1 − α)          (accepted drafts + the correction/bonus),
-    T(γ) = d · max(0, γ − ready) + net + queue + V(others + γ + 1),
+    T(γ) = d · max(0, γ − ready) + net + queue + overhang + V(others + γ + 1),
 
 from figures it measures live, each an exponentially forgetting average (weight ``forget`` per
 round, so it follows a changing prompt, network or worker load within a few rounds):
@@ -19,6 +19,7 @@ round, so it follows a changing prompt, network or worker load within a few roun
   cost nothing now;
 - net: the round trip that is neither verify nor queue (``link_ms − verify_ms − queue_ms``);
 - queue: the worker's queue time;
+- overhang: with pipelining, a draft-ahead forward still running when the verdict came;
 - V(P): the verify cost of a forward over P positions, as a table: a CPU's cost is a step
   function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
   optimistically (see :meth:`GammaController.verify_ms`), so it gets tried;
@@ -86,6 +87,7 @@ class Observation:
     queue_ms: float  # waiting on the worker
     batch_pos: int | None = None  # positions of the whole batched forward, if the worker says
     confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
+    overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ class GammaController:
         self._draft = _Ewma()  # ms per drafted token
         self._net = _Ewma()
         self._queue = _Ewma()
+        self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
@@ -179,6 +182,7 @@ class GammaController:
             self._draft.add(obs.draft_ms / obs.drafted, f)
         self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)
         self._queue.add(obs.queue_ms, f)
+        self._overhang.add(obs.overhang_ms, f)
         own = obs.gamma + 1  # the pending token + γ drafts
         positions = obs.batch_pos if obs.batch_pos is not None and obs.batch_pos >= own else own
         self._others.add(positions - own, f)
@@ -227,7 +231,7 @@ class GammaController:
         """(expected committed tokens, expected round ms) of a round of ``gamma`` drafts."""
         d = self._draft.mean(0.0)
         others = round(self._others.mean(0.0))
-        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._queue.mean(0.0)
+        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
         return expected_tokens(self.alpha, gamma), t + self.verify_ms(others + gamma + 1)
 
     def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
@@ -262,7 +266,7 @@ class GammaController:
         threshold is the lowest confidence bin from which every bin's calibrated acceptance
         reaches a*. Before the bins have evidence every bin sits at α̂, so nothing stops."""
         alpha, d = self.alpha, self._draft.mean(0.0)
-        base = self._net.mean(0.0) + self._queue.mean(0.0)
+        base = self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
         others = round(self._others.mean(0.0))
         cal = [self.accept_prob(edge) for edge in CONF_EDGES]
         out = [0.0]
@@ -302,6 +306,7 @@ class GammaController:
             copy.copy(self._queue),
             copy.copy(self._others),
         )
+        nxt._overhang = copy.copy(self._overhang)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
         nxt._conf = [list(b) for b in self._conf]

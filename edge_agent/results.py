@@ -72,7 +72,7 @@ class GenerationResult:
         if not rounds:
             return None
         tokens = (sum(r.pred_tokens for r in rounds), sum(r.n_acc + 1 for r in rounds))
-        ms = (sum(r.pred_ms for r in rounds), sum(r.draft_ms + r.link_ms for r in rounds))
+        ms = (sum(r.pred_ms for r in rounds), sum(r.draft_ms + r.link_ms + r.overhang_ms for r in rounds))
         return {
             "rounds": len(rounds),
             "pred_tokens": tokens[0], "tokens": tokens[1], "tokens_ratio": tokens[1] / tokens[0],

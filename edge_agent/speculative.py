@@ -62,7 +62,8 @@ class RoundStats:
     prefetched: int = 0  # draft tokens of this block made ahead, during the previous verify
     gamma_reason: str = ""  # why this γ: "fixed", the prior, or the γ controller's figures
     pred_tokens: float = 0.0  # committed tokens the γ controller expected (actual: n_acc + 1)
-    pred_ms: float = 0.0  # round time it expected (actual: draft_ms + link_ms)
+    pred_ms: float = 0.0  # round time it expected (actual: draft_ms + link_ms + overhang_ms)
+    overhang_ms: float = 0.0  # pipelined: a draft-ahead forward still running when the verdict came
 
     @property
     def judged(self) -> int:
@@ -203,10 +204,11 @@ def _wait_for_cloud(link: VerifierLink, opts: GenerateOptions, exc: Exception) -
         time.sleep(WAIT_POLL_S)
 
 
-def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats, float]:
+def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats, float, float]:
     t0 = time.perf_counter()
     verdict = link.verify(draft)
-    return verdict, link.last, (time.perf_counter() - t0) * 1e3  # `last` is per thread: read it here
+    t1 = time.perf_counter()
+    return verdict, link.last, (t1 - t0) * 1e3, t1  # `last` is per thread: read it here
 
 
 # What the last session of each (link, draft model) measured, so the next one starts warm
@@ -271,12 +273,15 @@ def _speculative(
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
                 )
+                overhang_ms = 0.0
                 if pool is None:  # 2. verify
-                    verdict, cost, link_ms = _timed_verify(link, draft)
+                    verdict, cost, link_ms, _ = _timed_verify(link, draft)
                 else:
                     future = pool.submit(_timed_verify, link, draft)
                     drafter.extend(ctrl.lookahead(choice.gamma), stop=future.done)  # bonus + next block
-                    verdict, cost, link_ms = future.result()
+                    verdict, cost, link_ms, t_done = future.result()
+                    # a draft-ahead forward that was running when the verdict came holds the round up
+                    overhang_ms = max(0.0, (time.perf_counter() - t_done) * 1e3)
             except SessionError as exc:
                 drafter.rollback()
                 _handle_session_error(exc, st)
@@ -300,7 +305,7 @@ def _speculative(
                     drafted=len(block.tokens) - block.prefetched, link_ms=link_ms,
                     verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
                     batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
-                    confidence=block.confidence,
+                    confidence=block.confidence, overhang_ms=overhang_ms,
                 )
             )  # fmt: skip
             drafter.commit(new)  # 3. commit; the cache keeps what still agrees
@@ -320,6 +325,7 @@ def _speculative(
                 gamma_reason=choice.reason,
                 pred_tokens=choice.tokens,
                 pred_ms=choice.round_ms,
+                overhang_ms=overhang_ms,
             )
             for i, tok in enumerate(new):
                 last = i == len(new) - 1

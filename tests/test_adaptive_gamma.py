@@ -203,6 +203,8 @@ def test_auto_gamma_grows_with_a_slow_round_trip_and_stays_exact(models, scripte
     scripted(gammas)
     replay = same.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=60, params=params, pipeline=False))
     assert replay.token_ids == auto.token_ids
+    assert all(r.overhang_ms == 0.0 for r in replay.rounds)  # nothing drafts ahead without pipelining
+    assert all(r.overhang_ms >= 0.0 for r in auto.rounds) and any(r.overhang_ms > 0.0 for r in auto.rounds)
     if params.greedy:
         ref, _ = exact_reference(models["same"], models["target"], PROMPT, [4], params, 60)
         assert auto.token_ids == ref[: len(auto.token_ids)]
