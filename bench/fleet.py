@@ -76,7 +76,7 @@ def worker_configs(args) -> list[tuple[str, list[str]]]:
         if not configs:
             configs.append(("batched", []))
         configs.append(("unbatched", unbatched_args()))
-    return configs or [("worker", [])]
+    return configs or [("default", [])]
 
 
 def start_worker(
@@ -135,6 +135,7 @@ def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, se
         replayer_busy=round(cpu_r / wall, 3),
         worker_rss_mb=round(proc_rss_mb(worker_pid), 1),
         stray_answers=replayer.stray,
+        opens_refused=replayer.opens_refused,  # `overloaded` (the worker's per-device open rate), retried
     )
     return cell
 

@@ -29,6 +29,8 @@ from shared.errors import ProtocolError
 from shared.mqtt import BrokerConfig, Incoming, make_client
 from shared.protocol import Close, Error, Opened, Tokens, Verdict, decode, encode
 
+OPEN_RETRY_S = 0.2  # pause before re-sending an open the worker refused as `overloaded`
+
 
 @dataclass
 class RoundRecord:
@@ -108,11 +110,11 @@ class Replayer:
         self.rounds: list[RoundRecord] = []
         self.generations: list[GenerationRecord] = []
         self.stray = 0  # answers for sessions no longer replayed (late, after a timeout)
+        self.opens_refused = 0  # opens answered `overloaded` (retried after OPEN_RETRY_S)
 
     def connect(self) -> None:
         self.client.connect()
-        if self.pace:
-            threading.Thread(target=self._pacer, name="fleet-pacer", daemon=True).start()
+        threading.Thread(target=self._pacer, name="fleet-pacer", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -121,15 +123,23 @@ class Replayer:
         self.client.close()
 
     def _pacer(self) -> None:
-        """Sends the paced requests when their drafting time is over."""
+        """Sends delayed requests when they are due: paced drafts, opens retried after `overloaded`."""
         with self._lock:
             while not self._closed:
                 now = time.perf_counter()
                 while self._due and self._due[0][0] <= now:
                     _, _, sid = heapq.heappop(self._due)
                     slot = self._by_sid.get(sid)
-                    if slot is not None and slot.gen is not None:
-                        self._send_step(slot)
+                    if slot is not None and slot.gen is not None and slot.rec is not None:
+                        if slot.step < 0:  # an open the worker refused as overloaded: again
+                            self._send(
+                                slot,
+                                topics.open_topic(slot.device),
+                                with_sid(slot.rec.open, sid),
+                                response=True,
+                            )
+                        else:
+                            self._send_step(slot)
                 self._wake.wait(min(0.05, self._due[0][0] - now) if self._due else 0.05)
 
     def _subscribe_device(self, device: str) -> None:
@@ -155,7 +165,7 @@ class Replayer:
         list once. Waits at most ``drain_s`` after the window for the last answers."""
         for device, _ in plan:
             self._subscribe_device(device)
-        self.rounds, self.generations, self.stray = [], [], 0
+        self.rounds, self.generations, self.stray, self.opens_refused = [], [], 0, 0
         self._all_done.clear()
         self._once = duration_s is None
         t0 = time.perf_counter()
@@ -260,6 +270,14 @@ class Replayer:
     def _handle(self, slot: _Slot, reply, t: float) -> None:
         rec, gen = slot.rec, slot.gen
         assert rec is not None and gen is not None
+        if isinstance(reply, Error) and reply.code == "overloaded" and slot.step < 0:
+            # The worker's per-device open rate (or session quota) refused it: retry as an edge
+            # would, after a pause, instead of failing at once into a hot loop of refused opens.
+            self.opens_refused += 1
+            slot.t_send = time.perf_counter() + OPEN_RETRY_S
+            heapq.heappush(self._due, (slot.t_send, id(slot), gen.sid))
+            self._wake.notify()
+            return
         if isinstance(reply, Error):
             self.rounds.append(RoundRecord(slot.index, slot.device, "open" if slot.step < 0 else "step",
                                            slot.t_send, t, 0, False))  # fmt: skip

@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-_STYLE = {"speculative": "-o", "cloud-only": "--s"}
+_COLOR = {"speculative": "tab:blue", "cloud-only": "tab:red"}
+_LINES = ("-", "--", ":", "-.")  # one per worker configuration
 
 
 def plot_throughput(cells: list[dict], path: Path) -> Path | None:
@@ -18,11 +19,13 @@ def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     if not cells:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    workers = list(dict.fromkeys(c["worker"] for c in cells))
     for key in sorted({(c["worker"], c["mode"]) for c in cells}):
         pts = sorted((c["n"], c["server_tokens_per_s"]) for c in cells if (c["worker"], c["mode"]) == key)
-        ax.plot(
-            [p[0] for p in pts], [p[1] for p in pts], _STYLE.get(key[1], "-x"), label=f"{key[1]} ({key[0]})"
-        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key[1] == "speculative" else "s",
+                linestyle=_LINES[workers.index(key[0]) % len(_LINES)], color=_COLOR.get(key[1], "black"),
+                label=f"{key[1]}, {key[0]} worker")  # fmt: skip
+    ax.set_ylim(bottom=0)
     ns = sorted({c["n"] for c in cells})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -101,6 +104,13 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
             )
         sources = sorted({c["forwards_source"] for c in cells})
         out += ["", f"Forwards from: {'; '.join(sources)}.", "", "Targets:", *targets(cells)]
+        refused = [
+            f"{c['worker']} {c['mode']} N={c['n']}: {c['opens_refused']}"
+            for c in cells
+            if c.get("opens_refused")
+        ]
+        if refused:
+            out.append(f"- opens refused as `overloaded` and retried after 0.2 s: {'; '.join(refused)}")
         bad = [c for c in cells if c["mismatches"] or c["errors"]]
         for c in bad:
             out.append(f"- {c['worker']} {c['mode']} N={c['n']}: first mismatch {c['first_mismatch']!r}, "

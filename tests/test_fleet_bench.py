@@ -148,7 +148,7 @@ def test_fleet_report_has_every_cell_and_no_mismatch(fleet_run) -> None:
     assert len(load_recordings(out / "recordings.json")) == 4
     assert (out / "fleet_throughput.png").read_bytes()[:8] == PNG_MAGIC
     md = (out / "fleet.md").read_text()
-    assert "| worker | speculative | 3 |" in md and "fleet_throughput.png" in md
+    assert "| default | speculative | 3 |" in md and "fleet_throughput.png" in md
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +185,37 @@ def test_noisy_neighbour_leaves_the_good_device_unharmed(noisy_run) -> None:
     assert r["flooded"]["errors"] == [] and r["flooded"]["mismatches"] == []
     assert r["identical_output"]
     assert r["share_of_solo_throughput"] >= 0.05
+
+
+def test_opens_refused_as_overloaded_are_retried(dev_broker, tiny_pair, tmp_path) -> None:
+    """A worker whose per-device open rate refuses a fleet slot's next open answers `overloaded`:
+    the replayer retries it after a pause (as an edge would) instead of failing the generation."""
+    from edge_agent.mqtt_link import MqttLink
+    from shared.config_keys import KEYS
+
+    if "max_opens_per_s_per_device" not in KEYS:
+        pytest.skip("this worker has no per-device open rate")
+    draft_dir, target_dir = tiny_pair
+    cfg = dev_broker.config()
+    wp = start_worker_process(cfg, worker_id="fleet-t2", target=str(target_dir), workdir=tmp_path,
+                              extra=["--max-opens-per-s-per-device", "2"])  # fmt: skip
+    try:
+        link = MqttLink(cfg, device="fleetrec2", round_timeout_s=30)
+        link.connect()
+        draft = load_model(str(draft_dir))
+        prompts = load_prompts(DEFAULT_PROMPTS, 1, draft.tokenizer)
+        recs = record_all(
+            link, draft, prompts, _args(max_new_tokens=3), "tiny-draft", str(target_dir), ["speculative"]
+        )
+        link.shutdown()
+        replayer = Replayer(cfg, round_timeout_s=30)
+        replayer.connect()
+        try:
+            replayer.run([("tquota", recs)], duration_s=4.0, drain_s=30)
+        finally:
+            replayer.close()
+        assert replayer.opens_refused > 0
+        assert [g.error or g.mismatch for g in replayer.generations] == [None] * len(replayer.generations)
+        assert sum(g.complete for g in replayer.generations) >= 3  # ~2 opens/s for 4 s, burst aside
+    finally:
+        wp.terminate()
