@@ -46,6 +46,9 @@ def _list(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spececd-bench", description=__doc__.splitlines()[0])
+    from shared.config import add_version_argument
+
+    add_version_argument(ap)
     ap.add_argument("--num-prompts", type=int, default=10, help="how many prompts of the file (1-10)")
     ap.add_argument("--iterations", type=int, default=1, help="repeats of the whole schedule")
     ap.add_argument(

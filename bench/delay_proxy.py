@@ -100,10 +100,14 @@ class DelayProxy:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:1883)")
-    return host or "127.0.0.1", int(port)
+    """HOST:PORT through the project's one parser (shared.config_keys.parse_hostport)."""
+    from shared.config_keys import BadValue, parse_hostport
+
+    try:
+        host, port = parse_hostport(text, listen=True)
+    except BadValue as bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: write {bad}") from None
+    return host, port
 
 
 async def _serve(args: argparse.Namespace) -> None:

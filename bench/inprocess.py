@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cloud_worker.local_link import LocalLink
-from cloud_worker.verifier import Verifier
+from cloud_worker.verifier import DEFAULT_MAX_SESSIONS, Verifier
 from edge_agent.drafter import Drafter, make_drafter
 from edge_agent.results import GenerationResult, collect
 from edge_agent.speculative import GenerateOptions, SessionState, generate
@@ -35,7 +35,9 @@ class InProcessPair:
         return cls.from_models(draft, target)
 
     @classmethod
-    def from_models(cls, draft: LoadedModel, target: LoadedModel, *, max_sessions: int = 8) -> InProcessPair:
+    def from_models(
+        cls, draft: LoadedModel, target: LoadedModel, *, max_sessions: int = DEFAULT_MAX_SESSIONS
+    ) -> InProcessPair:
         check_tokenizers_compatible(draft, target)
         verifier = Verifier(target, worker_id="in-process", max_sessions=max_sessions)
         return cls(draft, target, make_drafter(draft), verifier, LocalLink(verifier))

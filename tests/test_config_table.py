@@ -177,6 +177,12 @@ def test_max_sessions_has_one_default():
     from bench.procs import Procs
 
     assert inspect.signature(Procs.start_worker).parameters["max_sessions"].default == DEFAULT_MAX_SESSIONS
+    from bench.inprocess import InProcessPair
+
+    assert (
+        inspect.signature(InProcessPair.from_models).parameters["max_sessions"].default
+        == DEFAULT_MAX_SESSIONS
+    )
 
 
 @pytest.mark.parametrize("device", ["mps", "cuda:99"])
@@ -193,7 +199,10 @@ def test_a_device_this_machine_lacks_is_a_config_error(device):
 
 
 def test_one_hostport_parser():
+    from bench.delay_proxy import _hostport as proxy_hostport
     from shared.mqtt import BrokerConfig
+
+    assert proxy_hostport("[::1]:1883") == ("::1", 1883)
 
     assert parse_hostport("[::1]", default_port=1883) == ("::1", 1883)
     assert (BrokerConfig.parse_hostport("[::1]").host, BrokerConfig.parse_hostport("[::1]").port) == (
@@ -234,7 +243,9 @@ def test_add_device_names_are_agent_names():
             load_config("edge", None, env={"SPECECD_DEVICE": name})
 
 
-@pytest.mark.parametrize("module", ["edge_agent.cli", "cloud_worker.cli", "shared.tap", "shared.demo"])
+@pytest.mark.parametrize(
+    "module", ["edge_agent.cli", "cloud_worker.cli", "shared.tap", "shared.demo", "bench.cli"]
+)
 def test_version_flag(module):
     out = subprocess.run(
         [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120, cwd=ROOT
