@@ -45,7 +45,7 @@ from shared.sampling import DEFAULT_SPARSE_K
 log = logging.getLogger(__name__)
 
 BACKEND = "llama.cpp"
-DEFAULT_N_CTX = 8192  # tokens of context (prompt + generation) the KV cache holds
+DEFAULT_N_CTX = 4096  # tokens (prompt + generation) the KV cache holds: ~48 MB for the 0.5B demo draft
 INSTALL_HINT = (
     "the llama.cpp drafter needs llama-cpp-python: pip install 'spececd[llamacpp]' (see README, "
     "'Install'), or choose --draft-backend torch"

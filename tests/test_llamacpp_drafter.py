@@ -368,3 +368,12 @@ def test_the_edge_cli_and_api_run_a_gguf_draft(models, capsys) -> None:
     finally:
         handle.stop()
     assert reply["choices"][0]["text"] == agent.decode(out["token_ids"])
+
+
+def test_a_sequence_longer_than_the_context_is_a_clear_error(models) -> None:
+    _, gguf, target_dir = models
+    drafter = make_drafter(load_llamacpp_draft(gguf, threads=1, tokenizer=str(target_dir), n_ctx=32))
+    drafter.reset(list(range(1, 31)), GREEDY)
+    drafter.propose(2)  # 30 + 1 tokens fed: fits
+    with pytest.raises(ValueError, match=r"more than the llama\.cpp draft's context of 32"):
+        drafter.propose(4)
