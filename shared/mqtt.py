@@ -228,6 +228,7 @@ class MqttClient:
         self._up_since: float | None = None  # monotonic time of the last successful CONNACK
         self._down_since: float | None = None  # monotonic time the connection was lost (logged)
         self._quick_drops = 0  # established connections lost within _STABLE_S, in a row
+        self._refused_logged = False  # a refused reconnect was logged (once per outage)
         self._disconnected = threading.Event()
         self._paho = self._make_paho(will)
 
@@ -312,7 +313,8 @@ class MqttClient:
         self._connack_event.set()
         if code.is_failure:
             err = _refusal(self.config, code)
-            if self._ever_connected:
+            if self._ever_connected and not self._refused_logged:  # once, not at every attempt
+                self._refused_logged = True
                 log.error("broker at %s refused the reconnect: %s", self.config.address, err)
             elif self._background:
                 log.error("%s", err)
@@ -320,6 +322,7 @@ class MqttClient:
                     threading.Thread(target=self._shutdown, daemon=True).start()
             return
         self._up_since = time.monotonic()
+        self._refused_logged = False
         first = not self._ever_connected
         self._ever_connected = True
         if self._down_since is not None:
@@ -369,12 +372,6 @@ class MqttClient:
         delay = self.backoff.next()
         self._paho.reconnect_delay_set(delay, delay)  # paho's next wait
         log.debug("connecting to %s failed; next attempt in %.2f s", self.config.address, delay)
-        if self.backoff.attempts == 1 and self._background and not self._ever_connected:
-            log.warning(
-                "cannot reach the MQTT broker at %s; retrying in the background (backoff up to %.0f s)",
-                self.config.address,
-                self.backoff.max_delay,
-            )
         if (
             self.backoff.attempts > 1
             and self.backoff.max_delay
