@@ -11,7 +11,7 @@ cannot take the whole batch while another device waits.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
 row: what a padded forward costs). The first row is always taken; an open's prefill is cut to
-fit (the rest is its next step).
+fit (the rest is its next step): the whole budget when it comes first, else the current row width.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 from cloud_worker.verifier import Step
 
+MAX_DEVICES = 10_000  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
 
 
@@ -63,6 +64,9 @@ class Scheduler:
             return False
         if q is None:
             q = self.queues[job.key] = deque()
+            if job.device not in self.devices and len(self.devices) >= MAX_DEVICES:
+                for idle in [d for d, turn in self.devices.items() if not turn]:
+                    del self.devices[idle]
             self.devices.setdefault(job.device, deque()).append(job.key)
         if front:
             q.appendleft(job)
@@ -75,12 +79,9 @@ class Scheduler:
         q = self.queues.pop(key, None)
         if q is None:
             return []
-        device = q[0].device
-        turn = self.devices.get(device)
-        if turn is not None:
-            turn.remove(key)
-            if not turn:
-                del self.devices[device]
+        turn = self.devices.get(q[0].device)
+        if turn is not None and key in turn:
+            turn.remove(key)  # the device keeps its place in the turn order
         return list(q)
 
     def _pop(self, key: str) -> Job:
@@ -88,10 +89,7 @@ class Scheduler:
         job = q.popleft()
         if not q:
             del self.queues[key]
-            turn = self.devices[job.device]
-            turn.remove(key)
-            if not turn:
-                del self.devices[job.device]
+            self.devices[job.device].remove(key)  # the device keeps its place in the turn order
         return job
 
     def select(self, prepare: Callable[[Job], Step | None]) -> list[tuple[Job, Step]]:
@@ -129,22 +127,26 @@ class Scheduler:
                 width = max(width, k)
                 served.append(key)
                 progress = True
-        for key in served:  # served devices and sessions go to the back of their turn orders
-            device = key.rpartition("/")[0]
+        firsts = [key.rpartition("/")[0] for key in served]
+        for key, device in zip(served, firsts, strict=True):  # served ones go to the back
             if device in self.devices:
                 self.devices.move_to_end(device)
                 turn = self.devices[device]
                 if key in turn:
                     turn.remove(key)
                     turn.append(key)
+        if firsts and next(iter(self.devices), None) == firsts[0]:
+            self.devices.move_to_end(firsts[0])  # every device was served: the next round starts one later
         return batch
 
     def _fit(self, job: Job, step: Step, rows: int, width: int) -> int | None:
         """The row length ``step`` runs with in this forward, or None when it does not fit."""
         k = len(step.row.tokens)
-        room = self.max_tokens if rows == 0 else self.max_tokens // (rows + 1)
-        if job.prefill and k > room and room >= max(width, 1):
-            del step.row.tokens[room:]  # a prefill chunk: the rest is the next step
+        # a prefill is cut into chunks (the rest is its next step): first in a forward it may take
+        # the whole budget; beside others only the current row width, so it never pads them
+        room = self.max_tokens if rows == 0 else max(width, 1)
+        if job.prefill and k > room:
+            del step.row.tokens[room:]
             k = room
         if rows and (rows + 1) * max(width, k) > self.max_tokens:
             return None

@@ -173,3 +173,28 @@ def test_scheduler_caps_queued_jobs_per_session() -> None:
     assert [sched.push(_job("d", "a")) for _ in range(MAX_QUEUED_PER_SESSION + 2)].count(False) == 2
     assert sched.push(_job("d", "b"))  # another session of the device is not affected
     assert sched.push(_job("d", "a"), front=True)  # a continuing step always goes back
+
+
+def test_scheduler_rotates_who_comes_first() -> None:
+    """With every device served each forward, the first place (the one that may take the whole
+    budget) still goes round."""
+    sched = Scheduler(max_tokens=1000, max_sessions=8)
+    firsts = []
+    for _ in range(6):
+        for d in ("a", "b", "c"):
+            if not sched.queues.get(f"{d}/s"):
+                sched.push(_job(d, "s"))
+        firsts.append(sched.select(_prepare)[0][0].device)
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_prefill_beside_others_takes_only_the_row_width() -> None:
+    sched = Scheduler(max_tokens=512, max_sessions=8)
+    sched.push(_job("d", "draft", k=3))
+    sched.push(_job("o", "open", k=300, prefill=True))
+    batch = sched.select(_prepare)
+    assert [len(s.row.tokens) for _, s in batch] == [3, 3]  # the draft is not padded to 300
+    sched.push(_job("o", "open", k=297, prefill=True), front=True)  # its next chunk goes back (as the worker does)
+    sched.push(_job("d", "draft", k=3))
+    batch = sched.select(_prepare)  # the open comes first now: it may take the whole budget
+    assert batch[0][0].key == "o/open" and len(batch[0][1].row.tokens) == 297
