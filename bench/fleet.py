@@ -40,6 +40,7 @@ from bench.procs import Procs, free_port, one_thread_env
 FLEET_MODES = {"speculative": SPECULATIVE, "cloud-only": CLOUD}
 # Config keys that switch batching off in the worker, tried in order (the worker's batching work
 # names it); the value makes one session per forward: today's unbatched worker.
+MIN_ROUNDS = 4  # every session answered at least this often per cell (the window grows if need be)
 UNBATCHED_KEYS = (("max_batch_sessions", "1"), ("batch_max_sessions", "1"), ("max_batch", "1"))
 
 
@@ -120,7 +121,7 @@ def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, se
     before = scrape(metrics_url)
     cpu_w0, cpu_r0 = proc_cpu_s(worker_pid), time.process_time()
     t0, t1 = replayer.run(plan_slots(n, only(recs, FLEET_MODES[mode]), device_prefix=f"fleet{mode[:1]}"),
-                          duration_s=seconds)  # fmt: skip
+                          duration_s=seconds, min_rounds=MIN_ROUNDS)  # fmt: skip
     cpu_w, cpu_r = proc_cpu_s(worker_pid) - cpu_w0, time.process_time() - cpu_r0
     cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode)
     add_forward_figures(cell, forward_counts(before, scrape(metrics_url)))

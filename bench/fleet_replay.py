@@ -82,6 +82,7 @@ class _Slot:
     t_send: float = 0.0
     parts: list[int] = field(default_factory=list)
     part_ms: float = 0.0  # verify_ms summed over the decode's parts so far
+    answers: int = 0  # draft / decode requests answered in this run
     done: bool = False
     started: int = 0
 
@@ -101,7 +102,8 @@ class Replayer:
         self._by_sid: dict[str, _Slot] = {}
         self._slots: list[_Slot] = []
         self._subscribed: set[str] = set()
-        self._stop_at = float("inf")
+        self._stop_at = self._limit = float("inf")
+        self._min_rounds = 0
         self._once = False
         self._all_done = threading.Event()
         self._due: list[tuple[float, int, str]] = []  # paced sends: (when, tie-break, sid)
@@ -157,12 +159,15 @@ class Replayer:
         *,
         duration_s: float | None = None,
         drain_s: float = 600.0,
+        min_rounds: int = 0,
     ) -> tuple[float, float]:
         """Run one slot per (device, recordings) of ``plan``; returns (t_start, t_stop) of the window.
 
         With ``duration_s`` each slot cycles through its recordings until the window closes, then
         finishes its request in flight and closes its session; without it each slot replays its
-        list once. Waits at most ``drain_s`` after the window for the last answers."""
+        list once. Waits at most ``drain_s`` after the window for the last answers. ``min_rounds``
+        extends the window (up to 10 × ``duration_s``) until every slot has had that many answers,
+        so a cell whose rounds are long compared with the window is still measured."""
         for device, _ in plan:
             self._subscribe_device(device)
         self.rounds, self.generations, self.stray, self.opens_refused = [], [], 0, 0
@@ -170,17 +175,18 @@ class Replayer:
         self._once = duration_s is None
         t0 = time.perf_counter()
         self._stop_at = t0 + duration_s if duration_s is not None else float("inf")
+        self._limit = t0 + 10 * duration_s if duration_s is not None else float("inf")
+        self._min_rounds = min_rounds
         with self._lock:
             self._slots = [_Slot(i, dev, recs, itertools.cycle(recs)) for i, (dev, recs) in enumerate(plan)]
             self._by_sid.clear()
             for slot in self._slots:
                 self._start_generation(slot)
-        end = self._stop_at if duration_s is not None else t0 + drain_s
         while not self._all_done.is_set():
             now = time.perf_counter()
-            if duration_s is None and now > end:
+            if duration_s is None and now > t0 + drain_s:
                 break
-            if duration_s is not None and now > end + drain_s:
+            if duration_s is not None and now > self._stop_at + drain_s:
                 break
             self._all_done.wait(0.2)
             self._check_timeouts()
@@ -192,6 +198,16 @@ class Replayer:
                     slot.done = True
         return t0, t_stop
 
+    def _window_open(self) -> bool:
+        """(Under the lock.) Whether slots may still send; extends the window for ``min_rounds``."""
+        now = time.perf_counter()
+        if now < self._stop_at:
+            return True
+        if self._min_rounds and now < self._limit and any(s.answers < self._min_rounds for s in self._slots):
+            self._stop_at = now + 0.5
+            return True
+        return False
+
     def _check_timeouts(self) -> None:
         now = time.perf_counter()
         with self._lock:
@@ -202,7 +218,7 @@ class Replayer:
 
     def _start_generation(self, slot: _Slot) -> None:
         """(Under the lock.) Open the slot's next recording under a new sid."""
-        if (self._once and slot.started >= len(slot.recordings)) or time.perf_counter() >= self._stop_at:
+        if (self._once and slot.started >= len(slot.recordings)) or not self._window_open():
             slot.done = True
             if all(s.done for s in self._slots):
                 self._all_done.set()
@@ -308,6 +324,7 @@ class Replayer:
                                        verify_ms, reply.queue_ms,
                                        len(step.msg.tok) if kind == "draft" else 0))  # fmt: skip
         gen.tokens += step.committed
+        slot.answers += 1
         if not match:
             self._end_generation(
                 slot,
@@ -320,7 +337,7 @@ class Replayer:
         """Send the next recorded request, or end the generation and begin the next one."""
         assert slot.rec is not None
         slot.step += 1
-        if slot.step < len(slot.rec.steps) and time.perf_counter() < self._stop_at:
+        if slot.step < len(slot.rec.steps) and self._window_open():
             think = slot.rec.steps[slot.step].draft_ms / 1e3 if self.pace else 0.0
             if think <= 0:
                 self._send_step(slot)

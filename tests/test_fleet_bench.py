@@ -91,6 +91,11 @@ def test_replay_gets_the_recorded_answers_and_catches_a_difference(dev_broker, t
             (gen,) = replayer.generations
             assert not gen.complete
             assert gen.mismatch is not None and gen.mismatch.startswith(f"step {k} (draft)")
+            # A window too short for any round grows until every session has had 3 answers.
+            plan = plan_slots(2, only(recs, SPECULATIVE), device_prefix="tmin")
+            t0, t1 = replayer.run(plan, duration_s=0.01, min_rounds=3, drain_s=60)
+            answered = [sum(r.slot == i and r.kind == "draft" for r in replayer.rounds) for i in (0, 1)]
+            assert min(answered) >= 3 and t1 - t0 > 0.01
         finally:
             replayer.close()
         # Paced: each block waits its recorded drafting time (here 50 ms) before it is sent.
