@@ -377,3 +377,25 @@ def test_a_sequence_longer_than_the_context_is_a_clear_error(models) -> None:
     drafter.propose(2)  # 30 + 1 tokens fed: fits
     with pytest.raises(ValueError, match=r"more than the llama\.cpp draft's context of 32"):
         drafter.propose(4)
+
+
+def test_make_demo_runs_the_gguf_draft_on_llama_cpp(models, capsys, monkeypatch) -> None:
+    """`make demo` (bench/demo.py) on the tiny pair: broker, worker (torch target) and the edge
+    with the GGUF draft itself, on llama.cpp."""
+    import os
+
+    from bench import demo
+    from tests.brokers import mosquitto_missing
+
+    if mosquitto_missing():
+        pytest.skip(mosquitto_missing())
+    _, gguf, target_dir = models
+    monkeypatch.setattr(demo, "ensure_models", lambda: (gguf, target_dir))
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        assert demo.run("The capital of France", max_new_tokens=6, gamma=2, temperature=0.0) == 0
+    finally:  # the demo pins this process to one core and one torch thread
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "edge: draft runs on llama.cpp" in err and "6 tokens" in err
