@@ -7,7 +7,9 @@ interleaved with everyone else's work. Sessions with work wait in their device's
 devices in the worker's turn order: a round takes one session from each device in turn, then
 goes round again, until the forward is full. Devices and sessions served go to the back; one
 that did not fit stays at the front, so it comes first next time. One device's sessions thus
-cannot take the whole batch while another device waits.
+cannot take the whole batch while another device waits: while several devices have work,
+each device's rows beyond its first stay within its share of ``max_tokens`` (the budget divided
+by the devices with work), so a flood of long drafts cannot make every forward long.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
 row: what a padded forward costs). The first row is always taken; an open's prefill is cut to
@@ -99,6 +101,10 @@ class Scheduler:
         width = 0  # the longest row so far
         taken: set[str] = set()
         served: list[str] = []
+        # a device's fair share of the forward's positions while others have work too; its first
+        # row always goes in, more only within the share (the rest waits for the next forward)
+        fair = self.max_tokens // max(1, sum(1 for turn in self.devices.values() if turn))
+        used: dict[str, int] = {}
         progress = True
         while progress and len(batch) < self.max_sessions:
             progress = False
@@ -119,12 +125,15 @@ class Scheduler:
                     progress = True
                     continue
                 k = self._fit(job, step, len(batch), width)
+                if k is not None and used.get(device, 0) and used[device] + k > fair:
+                    k = None
                 taken.add(key)
                 if k is None:
                     continue  # does not fit: first in line next time
                 self._pop(key)
                 batch.append((job, step))
                 width = max(width, k)
+                used[device] = used.get(device, 0) + k
                 served.append(key)
                 progress = True
         firsts = [key.rpartition("/")[0] for key in served]

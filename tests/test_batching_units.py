@@ -194,7 +194,23 @@ def test_prefill_beside_others_takes_only_the_row_width() -> None:
     sched.push(_job("o", "open", k=300, prefill=True))
     batch = sched.select(_prepare)
     assert [len(s.row.tokens) for _, s in batch] == [3, 3]  # the draft is not padded to 300
-    sched.push(_job("o", "open", k=297, prefill=True), front=True)  # its next chunk goes back (as the worker does)
+    sched.push(
+        _job("o", "open", k=297, prefill=True), front=True
+    )  # its next chunk goes back (as the worker does)
     sched.push(_job("d", "draft", k=3))
     batch = sched.select(_prepare)  # the open comes first now: it may take the whole budget
     assert batch[0][0].key == "o/open" and len(batch[0][1].row.tokens) == 297
+
+
+def test_a_device_keeps_to_its_share_while_another_has_work() -> None:
+    sched = Scheduler(max_tokens=200, max_sessions=32)
+    for i in range(10):
+        sched.push(_job("flood", f"s{i}", k=65))  # max-length drafts
+    sched.push(_job("calm", "c", k=3))
+    batch = sched.select(_prepare)
+    flood = sum(len(s.row.tokens) for j, s in batch if j.device == "flood")
+    assert "calm/c" in {j.key for j, _ in batch} and flood <= 100
+    alone = Scheduler(max_tokens=200, max_sessions=32)
+    for i in range(10):
+        alone.push(_job("flood", f"s{i}", k=65))
+    assert len(alone.select(_prepare)) == 3  # alone, a device may fill the forward
