@@ -265,7 +265,9 @@ def test_a_draft_kept_as_gguf_is_not_converted(tmp_path, tiny_gguf_bytes):
     assert converted == ["tiny-target.gguf"]
     assert paths[0] == cache / "models" / "tiny-draft" / "tiny-draft.gguf"
     assert paths[0].read_bytes() == tiny_gguf_bytes
-    assert demo.gguf_vocab(paths[0])[:3] == list(load_model(str(paths[1])).tokenizer.convert_ids_to_tokens([0, 1, 2]))
+    assert demo.gguf_vocab(paths[0])[:3] == list(
+        load_model(str(paths[1])).tokenizer.convert_ids_to_tokens([0, 1, 2])
+    )
     again = fetch_demo(cache=cache, models=[draft, target], downloader=CopyDownloader(index),
                        converter=converter, progress=lambda _m: None)  # fmt: skip
     assert again == paths and converted == ["tiny-target.gguf"], "a second run does no work"
