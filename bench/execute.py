@@ -74,7 +74,11 @@ def execute(
     from shared.models import load_model
 
     transformers.logging.set_verbosity_error()
-    backends = list(dict.fromkeys(getattr(args, "draft_backend", None) or ["auto"]))
+    from edge_agent.drafter import resolve_backend
+
+    # "auto" means one of the two: resolve first, so "auto,llama.cpp" is one backend, not two
+    asked = getattr(args, "draft_backend", None) or ["auto"]
+    backends = list(dict.fromkeys(resolve_backend(draft_spec, b) for b in asked))
     cells = make_cells(args.modes, args.temperature, args.gamma, args.rtt_ms, backends)
     edge_cores, worker_cores, pin_text = pinning
     networked = any(c.mode in NETWORK_MODES for c in cells)
