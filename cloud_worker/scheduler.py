@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_worker.verifier import Step
+from cloud_worker.sessions import Step
 
 MAX_DEVICES = 10_000  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood

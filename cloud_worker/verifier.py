@@ -29,12 +29,11 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from cloud_worker.batching import Row, forward_rows
+from cloud_worker.sessions import Reply, Session, Step, key_device, session_key
 from shared.config_keys import DEFAULT_MAX_SESSIONS  # one default: config, worker, verifier
 from shared.errors import SessionError
 from shared.kvcache import crop
@@ -42,51 +41,14 @@ from shared.models import LoadedModel
 from shared.protocol import Decode, Draft, Error, Open, Opened, Tokens, Verdict
 from shared.sampling import (
     PURPOSE_TARGET,
-    SamplingParams,
     logits_to_probs,
     position_uniform,
     sample_from_probs,
 )
 from shared.speculative import expected_acceptance, verify_draft
 
-Reply = Opened | Verdict | Tokens | Error
 log = logging.getLogger(__name__)
-
-
-def session_key(device: str, sid: str) -> str:
-    """The key of session ``sid`` of ``device`` (``"device/sid"``; the sid alone in-process)."""
-    return f"{device}/{sid}" if device else sid
-
-
-def key_device(key: str) -> str:
-    return key.rpartition("/")[0]
-
-
-@dataclass
-class _Session:
-    sid: str
-    epoch: int
-    params: SamplingParams
-    tokens: list[int]
-    limit: int  # the most tokens this session may ever hold: len(ctx) + max_new
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    cache_len: int = 0
-    last_seq: int = -1
-    last_replies: list = field(default_factory=list)  # the answer to last_seq, replayed on a repeat
-
-
-@dataclass
-class Step:
-    """One session's row of a forward and what to do with its logits ``[k, V]``."""
-
-    key: str
-    sess: _Session
-    row: Row
-    finish: Callable[[Step, torch.Tensor, float], list[Reply]]  # (self, logits, forward ms) -> replies
-    queue_ms: float = 0.0
-    more: bool = False  # set by finish: the request needs another step (decode, chunked prefill)
-    batch: int = 1  # sessions in the forward this step ran in (set by run)
-    batch_pos: int = 0  # positions in that forward (set by run)
+__all__ = ["DEFAULT_MAX_SESSIONS", "Reply", "Step", "Verifier", "session_key"]
 
 
 class Verifier:
@@ -113,14 +75,14 @@ class Verifier:
         self.max_cached_tokens = max_cached_tokens
         self.max_per_device = max_sessions_per_device or max_sessions  # 0 = only the global bound
         self.prefill_chunk = 1 << 30  # positions of an open fed per step (the scheduler lowers it)
-        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.evictions = 0
         # (key, session) evicted since the worker last answered them; bounded for callers that never drain
-        self.evicted: deque[tuple[str, _Session]] = deque(maxlen=max(1024, 4 * max_sessions))
+        self.evicted: deque[tuple[str, Session]] = deque(maxlen=max(1024, 4 * max_sessions))
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _get(self, key: str, sid: str, epoch: int) -> _Session:
+    def _get(self, key: str, sid: str, epoch: int) -> Session:
         sess = self.sessions.get(key)
         if sess is None:
             raise SessionError("resync", "unknown or evicted session: re-open it", sid=sid)
@@ -218,7 +180,7 @@ class Verifier:
                 f"context {len(msg.ctx)} + max_new {msg.max_new} exceeds the target's {self.max_positions} positions",
                 sid=msg.sid,
             )
-        sess = _Session(
+        sess = Session(
             sid=msg.sid,
             epoch=msg.epoch,
             params=msg.sampling,
@@ -229,16 +191,16 @@ class Verifier:
             return [self._register(key, sess)]
         return self._prefill_step(key, sess, queue_ms)
 
-    def _register(self, key: str, sess: _Session) -> Opened:
+    def _register(self, key: str, sess: Session) -> Opened:
         self.sessions[key] = sess  # replaces an older epoch
         self.sessions.move_to_end(key)
         self._evict_if_needed(key_device(key), protect=key)
         return Opened(sid=sess.sid, epoch=sess.epoch, worker=self.worker_id, pos=len(sess.tokens))
 
-    def _prefill_step(self, key: str, sess: _Session, queue_ms: float) -> Step:
+    def _prefill_step(self, key: str, sess: Session, queue_ms: float) -> Step:
         return Step(key, sess, self._prefill_row(sess), self._finish_prefill, queue_ms)
 
-    def _prefill_row(self, sess: _Session) -> Row:
+    def _prefill_row(self, sess: Session) -> Row:
         return Row(
             sess.cache,
             sess.cache_len,
@@ -253,7 +215,7 @@ class Verifier:
             return []
         return [self._register(step.key, sess)]
 
-    def _prepare_verify(self, key: str, sess: _Session, msg: Draft, queue_ms: float) -> Step:
+    def _prepare_verify(self, key: str, sess: Session, msg: Draft, queue_ms: float) -> Step:
         if sess.params.greedy != (msg.q is None):
             raise SessionError(
                 "bad_message", "q must be omitted exactly when sampling is greedy", sid=msg.sid
@@ -355,7 +317,7 @@ class Verifier:
         sess.last_seq, sess.last_replies = msg.seq, [verdict]
         return verdict
 
-    def _decode_step(self, key: str, sess: _Session, msg: Decode, *, steps: int, queue_ms: float) -> Step:
+    def _decode_step(self, key: str, sess: Session, msg: Decode, *, steps: int, queue_ms: float) -> Step:
         sess.last_seq, sess.last_replies = msg.seq, []
         parts = iter(range(steps))
 
@@ -420,7 +382,7 @@ class Verifier:
         self._complete(msg, device, queue_ms, emit)  # type: ignore[arg-type]
 
     @torch.inference_mode()
-    def _forward(self, sess: _Session, new_tokens: list[int]) -> torch.Tensor:
+    def _forward(self, sess: Session, new_tokens: list[int]) -> torch.Tensor:
         """Feed ``new_tokens`` after the session's cache; return logits [len(new_tokens), V]."""
         row = Row(sess.cache, sess.cache_len, list(new_tokens))
         (logits,) = forward_rows(self.model, [row], self.vocab_size)
