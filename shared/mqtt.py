@@ -42,9 +42,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -52,7 +49,31 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.broker import (  # re-exported: the public names of this module's API
+    BrokerConfig,
+    Handler,
+    Incoming,
+    TLSConfig,
+    Will,
+    broker_config_from_settings,
+    read_password_file,
+)
 from shared.errors import BrokerAuthError, BrokerError
+
+__all__ = [
+    "CBOR",
+    "Backoff",
+    "BrokerConfig",
+    "Handler",
+    "Incoming",
+    "MqttClient",
+    "TLSConfig",
+    "Will",
+    "broker_config_from_settings",
+    "make_client",
+    "prefer_network_latency",
+    "read_password_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,83 +82,6 @@ CBOR = "application/cbor"
 _AUTH_CODES = {0x85, 0x86, 0x87, 0x8A, 0x8C}  # bad client id, bad user/pw, not authorized, banned, bad auth
 _SESSION_TAKEN_OVER = 0x8E
 _STABLE_S = 5.0  # a connection up this long resets the reconnect backoff
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """TLS to the broker: the CA that signed its certificate, optional client certificate."""
-
-    ca_file: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False  # skip the host name check (never in production)
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where the broker is and how to log in."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: TLSConfig | None = None
-    keepalive: int = 30
-
-    @classmethod
-    def parse_hostport(cls, hostport: str, **kwargs: object) -> BrokerConfig:
-        """``"host:port"`` (or ``"host"``, port 1883, 8883 with ``tls``) plus any other field."""
-        from shared.config_keys import BadValue, parse_hostport  # the project's one host:port parser
-
-        try:
-            host, port = parse_hostport(hostport, default_port=8883 if kwargs.get("tls") else 1883)
-        except BadValue as bad:
-            raise BrokerError(f"invalid broker address {hostport!r}: write {bad}") from None
-        return cls(host=host, port=port, **kwargs)  # type: ignore[arg-type]
-
-    @property
-    def address(self) -> str:
-        """``host:port`` for messages."""
-        return f"{self.host}:{self.port}"
-
-
-def read_password_file(path: str | Path) -> str:
-    """The password stored in ``path`` (first line, surrounding whitespace removed)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BrokerError(f"cannot read the password file {str(path)!r}: {exc.strerror}") from exc
-    password = text.splitlines()[0].strip() if text.strip() else ""
-    if not password:
-        raise BrokerError(f"password file {str(path)!r} is empty: put the MQTT password on its first line")
-    return password
-
-
-@dataclass(frozen=True)
-class Will:
-    """The Last Will the broker publishes if the connection dies without a clean DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One received message, with its MQTT 5 properties (None when absent)."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation_data: bytes | None
-    content_type: str | None
-    message_expiry: int | None
-    retain: bool
-    received_at: float  # time.perf_counter() on arrival
-
-
-Handler = Callable[[Incoming], None]
 
 
 class _Acks:
@@ -606,29 +550,6 @@ def _refusal(cfg: BrokerConfig, code: ReasonCode) -> BrokerError:
             "added to the broker's password file first (broker/add-device.sh, broker/add-worker.sh)."
         )
     return BrokerError(f"the broker at {cfg.address} refused the connection of {who}: {code} ({code.value})")
-
-
-def broker_config_from_settings(settings: Any) -> BrokerConfig:
-    """A ``BrokerConfig`` from ``shared.config.BrokerSettings`` (password from the secret or its file)."""
-    password = settings.password.reveal() if settings.password is not None else None
-    if password is None and settings.password_file:
-        password = read_password_file(settings.password_file)
-    tls = None
-    if settings.tls:
-        tls = TLSConfig(
-            ca_file=settings.tls_ca,
-            cert_file=settings.tls_cert,
-            key_file=settings.tls_key,
-            insecure=settings.tls_insecure,
-        )
-    return BrokerConfig(
-        host=settings.host,
-        port=settings.port,
-        username=settings.username,
-        password=password,
-        tls=tls,
-        keepalive=settings.keepalive,
-    )
 
 
 SWITCH_INTERVAL_S = 0.0005
