@@ -214,3 +214,27 @@ def test_a_device_keeps_to_its_share_while_another_has_work() -> None:
     for i in range(10):
         alone.push(_job("flood", f"s{i}", k=65))
     assert len(alone.select(_prepare)) == 3  # alone, a device may fill the forward
+
+
+def test_per_device_session_cap_evicts_the_devices_own(target) -> None:
+    verifier = Verifier(target, max_sessions=8, max_sessions_per_device=2)
+
+    def open_(device: str, sid: str) -> None:
+        verifier.open(Open(sid=sid, epoch=0, ctx=(1, 2, 3), sampling=SamplingParams(), draft_model="", target_model="", max_new=4), device=device)  # fmt: skip
+
+    open_("v", "live")
+    for i in range(4):
+        open_("x", f"s{i}")
+    assert set(verifier.sessions) == {"v/live", "x/s2", "x/s3"}
+    assert [key for key, _ in verifier.evicted] == ["x/s0", "x/s1"]  # for the worker to answer
+
+
+def test_verdict_batch_fields_round_trip_and_are_optional() -> None:
+    from shared.protocol import decode, encode
+
+    full = Verdict(sid="s", epoch=0, seq=1, n_acc=2, next=7, eos=False, verify_ms=1.0, queue_ms=0.5, batch=4, batch_pos=13)  # fmt: skip
+    assert decode(encode(full)) == full
+    bare = Verdict(sid="s", epoch=0, seq=1, n_acc=2, next=7, eos=False, verify_ms=1.0, queue_ms=0.5)
+    assert b"batch" not in encode(bare) and decode(encode(bare)).batch is None  # older peers' bytes
+    part = Tokens(sid="s", epoch=0, seq=0, part=0, tok=(1,), done=True, eos=False, verify_ms=1.0, queue_ms=0.0, batch=2, batch_pos=2)  # fmt: skip
+    assert decode(encode(part)) == part
