@@ -25,7 +25,7 @@ from typing import Any
 
 from cloud_worker.sessions import Step
 
-MAX_DEVICES = 10_000  # devices whose place in the turn order is remembered while they are idle
+MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
 
 
@@ -54,9 +54,10 @@ class Scheduler:
         self.max_sessions = max_sessions
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
+        self._queued = 0
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return self._queued  # a plain int: safe to read from another thread (metrics)
 
     def push(self, job: Job, *, front: bool = False) -> bool:
         """Queue ``job`` behind its session's others (``front``: a continuing step, before them).
@@ -74,6 +75,7 @@ class Scheduler:
             q.appendleft(job)
         else:
             q.append(job)
+        self._queued += 1
         return True
 
     def drop(self, key: str) -> list[Job]:
@@ -81,6 +83,7 @@ class Scheduler:
         q = self.queues.pop(key, None)
         if q is None:
             return []
+        self._queued -= len(q)
         turn = self.devices.get(q[0].device)
         if turn is not None and key in turn:
             turn.remove(key)  # the device keeps its place in the turn order
@@ -89,6 +92,7 @@ class Scheduler:
     def _pop(self, key: str) -> Job:
         q = self.queues[key]
         job = q.popleft()
+        self._queued -= 1
         if not q:
             del self.queues[key]
             self.devices[job.device].remove(key)  # the device keeps its place in the turn order
