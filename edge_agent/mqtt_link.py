@@ -26,7 +26,7 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -137,6 +137,7 @@ class MqttLink:
         self._workers_cond = threading.Condition()  # guards _workers; notified on every status
         self._status_since = math.inf  # when the status subscription was (re)made
         self._owner: dict[str, str] = {}  # sid -> worker that answered its open
+        self._orphans: OrderedDict[str, Error] = OrderedDict()  # sid -> error for its next request
         self.history: deque[tuple[str, str]] = deque(maxlen=1024)  # (sid, owner) of recent opens
         self._local = threading.local()  # per-thread LinkStats of the last request
 
@@ -219,8 +220,13 @@ class MqttLink:
                 return None
             return SessionError(err.code, err.detail, sid=sid)
 
-        if not self._pending.fail(exc_for):
-            log.debug("error %s for %s with nobody waiting: dropped", err.code, err.sid)
+        if not self._pending.fail(exc_for) and err.seq is None:
+            # A session-wide error nobody waits for (e.g. "evicted: re-open it") answers the
+            # session's next request; an open forgets it (it belongs to the older epoch).
+            with self._workers_cond:
+                self._orphans[err.sid] = err
+                while len(self._orphans) > 1024:
+                    self._orphans.popitem(last=False)
 
     def _on_status(self, msg: Incoming) -> None:
         worker = msg.topic.rsplit("/", 2)[-2]
@@ -282,6 +288,8 @@ class MqttLink:
         if not self.client.connected.is_set():
             raise BrokerError(f"not connected to the broker at {self.client.config.address}")
         self._check_workers()
+        with self._workers_cond:
+            self._orphans.pop(msg.sid, None)
         key: Key = (msg.sid, msg.epoch, OPEN_SEQ, 0)
         deadline = time.monotonic() + self.open_timeout_s
         up = 0
@@ -344,6 +352,9 @@ class MqttLink:
         with self._workers_cond:
             if owner is not None and self._workers.get(owner, topics.ONLINE) != topics.ONLINE:
                 raise SessionError("worker_lost", f"worker {owner} is not online", sid=msg.sid)
+            orphan = self._orphans.pop(msg.sid, None) if send else None
+        if orphan is not None:
+            raise SessionError(orphan.code, orphan.detail, sid=msg.sid)
         topic = topics.up_topic(self.device, msg.sid)
         up, codec_ms = self._send(topic, msg, expiry_s=self.round_timeout_s) if send else (0, 0.0)
         future = self._pending.add(key, owner)

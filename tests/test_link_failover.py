@@ -193,3 +193,35 @@ def test_no_worker_online_applies_the_policy_at_once(models, own_dev_broker, uid
         assert time.monotonic() - start < 2.0
     finally:
         link.shutdown()
+
+
+def test_eviction_notice_answers_the_next_request(models, dev_broker, uid) -> None:
+    """A worker tells an idle session it evicted ``resync`` at once (no seq) and may then stop
+    listening to it; the edge keeps that notice as the answer to the session's next request, so
+    the session re-opens at once instead of after two round deadlines."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", max_sessions=1)
+    worker.start()
+    link = make_link(dev_broker, uid, timeout_s=5.0)
+    opts = GenerateOptions(gamma=3, max_new_tokens=20, params=SEEDED, pipeline=False)
+    prompt = [5, 17, 42, 9]
+    others = []
+    try:
+        undisturbed = reference_tokens(models, prompt, opts)
+        state = SessionState()
+        events = generate(Drafter(models["draft"]), link, prompt, opts, eos_ids=frozenset(), state=state)
+        got = [next(events).token for _ in range(4)]
+        for i in range(6):  # each evicts the one before; the oldest are unsubscribed too
+            other = generate(Drafter(models["draft"]), link, [1, 2, 3 + i], opts, eos_ids=frozenset())
+            next(other)
+            others.append(other)
+        time.sleep(0.5)  # the eviction notices arrive while nobody waits
+        start = time.monotonic()
+        got += [ev.token for ev in events]
+        assert time.monotonic() - start < 5.0  # no round deadline
+        assert got == undisturbed
+        assert state.resyncs >= 1 and state.failovers == 0
+    finally:
+        for other in others:
+            other.close()
+        link.shutdown()
+        worker.stop()
