@@ -12,7 +12,9 @@ so the test has the power to fail).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
+import threading
 import time
 import urllib.request
 
@@ -184,13 +186,39 @@ def test_pipelined_drafts_are_reused_when_the_block_passes(models, tmp_path) -> 
     assert res.token_ids == _target_greedy(same.target, PROMPTS[0], 24)[: len(res.token_ids)]
 
 
-def test_the_draft_forward_releases_the_gil() -> None:
-    """Pipelining needs the draft's forward to let the verify thread run: llama.cpp is called
-    through ctypes.CDLL functions, which release the GIL (PyDLL ones would hold it)."""
+def test_the_draft_forward_releases_the_gil(tmp_path) -> None:
+    """Pipelining needs the draft's forward to let the verify thread run. Statically: llama.cpp is
+    called through ctypes.CDLL functions, which release the GIL (PyDLL ones would hold it).
+    Dynamically: while a ~0.2 s llama.cpp eval runs in another thread, this thread never waits
+    for more than a quarter of it (holding the GIL, the eval would stall it for the whole call)."""
     for name in ("llama_decode", "llama_get_logits_ith", "llama_memory_seq_rm"):
         fn = getattr(llama_cpp.llama_cpp._lib, name)
         assert isinstance(fn, ctypes._CFuncPtr)
         assert not fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI, f"{name} holds the GIL"
+    wide = write_tiny_gguf(
+        make_tiny_model_dir(tmp_path / "wide", arch="qwen2", hidden=256, layers=4), tmp_path / "w.gguf"
+    )
+    llm = llama_cpp.Llama(model_path=str(wide), n_ctx=512, n_batch=512, n_threads=1, n_threads_batch=1,
+                          logits_all=False, verbose=False)  # fmt: skip
+    took: list[float] = []
+
+    def prefill() -> None:
+        llm.n_tokens = 0
+        t0 = time.perf_counter()
+        llm.eval([i % 300 + 1 for i in range(480)])  # one llama_decode call of 480 tokens
+        took.append(time.perf_counter() - t0)
+
+    thread = threading.Thread(target=prefill)
+    stamps = [time.perf_counter()]
+    thread.start()
+    while thread.is_alive():
+        stamps.append(time.perf_counter())
+    thread.join()
+    longest = max(b - a for a, b in itertools.pairwise(stamps))
+    assert longest < took[0] / 4, (
+        f"this thread waited {longest * 1e3:.0f} ms during a {took[0] * 1e3:.0f} ms eval"
+    )
+    llm.close()
 
 
 def _joint_target_probs(target, prompt: list[int], params: SamplingParams) -> dict[tuple[int, int], float]:
