@@ -245,6 +245,8 @@ class MqttClient:
         made on connect, then ``connected`` is set. A refused login is logged and not retried."""
         cfg = self.config
         self._background = True
+        self._closing = False  # a failed connect() shut the loop down; this starts it again
+        self._connack_event.clear()
         self._paho.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=self._clean_start)
         self._start_loop()
 
