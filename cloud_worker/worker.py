@@ -206,8 +206,9 @@ class Worker(Intake):
         if not batch:
             return
         now = time.perf_counter()
-        for job, _ in batch:  # from arrival (or the session's previous step) to this forward
+        for job, step in batch:  # from arrival (or the session's previous step) to this forward
             self.metrics.queue_wait(now - job.received_at)
+            step.queue_ms = (now - job.received_at) * 1e3  # what the answer reports, waits for a turn included
         try:
             results = self.verifier.run([step for _, step in batch])
         except Exception as exc:  # the sessions are as they were: their edges may retry
