@@ -1,5 +1,6 @@
 """Issue 10, worker side: each attack a hostile device made on one worker, as a test through a
-real Mosquitto with a tiny real target. Every one of them succeeded on the worker before
+real Mosquitto (the dev config and the production one: TLS, passwords, ACL) with a tiny real
+target. Every one of them succeeded on the worker before
 batching (sessions keyed by sid, no limits after open, no per-device quota, no validation of q).
 """
 
@@ -18,6 +19,8 @@ from shared.protocol import Decode, Draft, Error, Open, Opened, Tokens, Verdict,
 from shared.sampling import SamplingParams, SparseDist
 from tests.tiny import make_tiny_model_dir
 
+pytestmark = pytest.mark.broker  # the brokers come through getfixturevalue, so mark by hand
+
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=0.9, seed=3)
 CTX = (5, 17, 42)
@@ -28,17 +31,37 @@ def target(tmp_path_factory):
     return load_model(str(make_tiny_model_dir(tmp_path_factory.mktemp("t") / "target", arch="llama", seed=2)))
 
 
-@pytest.fixture
-def raw(dev_broker, uid, mqtt_clients):
-    """A raw client that sees the down topics of devices ``{uid}-v`` (victim) and ``{uid}-x`` (attacker)."""
-    client = mqtt_clients.make(dev_broker.config())
-    for dev in ("v", "x"):
-        client.subscribe(f"{topics.PREFIX}/{uid}-{dev}/+/down")
-    return client
+class Rig:
+    """Two devices on a real broker, ``v`` (the victim) and ``x`` (the attacker), each its own
+    client, whose down-topic messages arrive merged in ``messages``; and the worker's broker login."""
+
+    def __init__(self, broker, mqtt_clients, v: str, x: str, worker_id: str) -> None:
+        self.v, self.x, self.worker_id = v, x, worker_id
+        self.worker_config = broker.config(worker_id if broker.kind == "prod" else None)
+        self.messages: queue.Queue = queue.Queue()
+        self.clients = {}
+        for dev in (v, x):
+            client = mqtt_clients.make(broker.config(dev if broker.kind == "prod" else None))
+            client.subscribe(f"{topics.PREFIX}/{dev}/+/down", handler=self.messages.put)
+            self.clients[dev] = client
+
+    def publish(self, topic: str, payload: bytes, **kw) -> None:
+        """Publish as the device the topic belongs to (its own credentials on the prod broker)."""
+        self.clients[topics.parse_topic(topic).device].publish(topic, payload, **kw)
 
 
-def start(target, dev_broker, uid, **kw) -> Worker:
-    worker = Worker(target, dev_broker.config(), worker_id=f"w-{uid}", **kw)
+@pytest.fixture(params=["dev", "prod"])
+def raw(request, uid, mqtt_clients) -> Rig:
+    """The attacks run on the dev broker and on the production config (TLS, passwords, ACL)."""
+    if request.param == "dev":
+        broker = request.getfixturevalue("dev_broker")
+        return Rig(broker, mqtt_clients, f"{uid}-v", f"{uid}-x", f"w-{uid}")
+    broker = request.getfixturevalue("prod_broker")
+    return Rig(broker, mqtt_clients, "devA", "devB", "worker1")
+
+
+def start(target, rig: Rig, **kw) -> Worker:
+    worker = Worker(target, rig.worker_config, worker_id=rig.worker_id, **kw)
     worker.start()
     return worker
 
@@ -87,12 +110,12 @@ def greedy_continuation(target, n: int) -> list[int]:
     return [*CTX, *(p.tok[0] for p in parts)]
 
 
-def test_giant_decode_is_one_step_per_round_and_bounded(target, dev_broker, uid, raw) -> None:
+def test_giant_decode_is_one_step_per_round_and_bounded(target, raw) -> None:
     """#2: decode n = 2**31-1 streams at most max_new tokens, one per forward, while another
     device's draft is answered in between."""
-    worker = start(target, dev_broker, uid)
+    worker = start(target, raw)
     try:
-        v, x = f"{uid}-v", f"{uid}-x"
+        v, x = raw.v, raw.x
         open_and_wait(raw, x, "big", max_new=200, mode="cloud")
         open_and_wait(raw, v, "ok")
         raw.publish(topics.up_topic(x, "big"), encode(Decode(sid="big", epoch=0, seq=0, pos=3, n=2**31 - 1)))
@@ -116,12 +139,12 @@ def test_giant_decode_is_one_step_per_round_and_bounded(target, dev_broker, uid,
         worker.stop()
 
 
-def test_all_accepted_drafts_stop_at_the_limit(target, dev_broker, uid, raw) -> None:
+def test_all_accepted_drafts_stop_at_the_limit(target, raw) -> None:
     """#3: drafts that are always accepted never grow a session past len(ctx) + max_new."""
-    worker = start(target, dev_broker, uid)
+    worker = start(target, raw)
     cont = greedy_continuation(target, 40)
     try:
-        v = f"{uid}-v"
+        v = raw.v
         open_and_wait(raw, v, "grow", max_new=20)
         pos, seq, verdicts = 3, 0, []
         while True:
@@ -141,12 +164,12 @@ def test_all_accepted_drafts_stop_at_the_limit(target, dev_broker, uid, raw) -> 
         worker.stop()
 
 
-def test_open_flood_evicts_only_the_flooders_sessions(target, dev_broker, uid, raw) -> None:
+def test_open_flood_evicts_only_the_flooders_sessions(target, raw) -> None:
     """#4: 30 opens of one device on a 4-session worker: the other device's live session keeps
     working, and each evicted session of the flooder is told at once (resync)."""
-    worker = start(target, dev_broker, uid, max_sessions=4, max_opens_per_s_per_device=0)
+    worker = start(target, raw, max_sessions=4, max_opens_per_s_per_device=0)
     try:
-        v, x = f"{uid}-v", f"{uid}-x"
+        v, x = raw.v, raw.x
         open_and_wait(raw, v, "live")
         first = ask(raw, v, Draft(sid="live", epoch=0, seq=0, pos=3, tok=(1,)))
         assert isinstance(first, Verdict)
@@ -170,10 +193,10 @@ def test_open_flood_evicts_only_the_flooders_sessions(target, dev_broker, uid, r
         worker.stop()
 
 
-def test_open_rate_per_device(target, dev_broker, uid, raw) -> None:
-    worker = start(target, dev_broker, uid, max_opens_per_s_per_device=5)
+def test_open_rate_per_device(target, raw) -> None:
+    worker = start(target, raw, max_opens_per_s_per_device=5)
     try:
-        x, v = f"{uid}-x", f"{uid}-v"
+        v, x = raw.v, raw.x
         for i in range(20):
             send_open(raw, x, f"r{i}")
         send_open(raw, v, "calm")
@@ -185,12 +208,12 @@ def test_open_rate_per_device(target, dev_broker, uid, raw) -> None:
         worker.stop()
 
 
-def test_same_sid_from_another_device_is_another_session(target, dev_broker, uid, raw) -> None:
+def test_same_sid_from_another_device_is_another_session(target, raw) -> None:
     """#5: an open of the same sid from another device never touches the first device's session."""
-    worker = start(target, dev_broker, uid)
+    worker = start(target, raw)
     ref = Verifier(target)
     try:
-        v, x = f"{uid}-v", f"{uid}-x"
+        v, x = raw.v, raw.x
         open_and_wait(raw, v, "shared")
         ref.open(
             Open(sid="shared", epoch=0, ctx=CTX, sampling=GREEDY, draft_model="", target_model="", max_new=16)
@@ -205,12 +228,12 @@ def test_same_sid_from_another_device_is_another_session(target, dev_broker, uid
         worker.stop()
 
 
-def test_bad_q_id_is_refused_and_the_session_keeps_working(target, dev_broker, uid, raw) -> None:
+def test_bad_q_id_is_refused_and_the_session_keeps_working(target, raw) -> None:
     """#6: a q naming a token id >= the vocabulary gets bad_message before any state moves."""
-    worker = start(target, dev_broker, uid)
+    worker = start(target, raw)
     ref = Verifier(target)
     try:
-        v = f"{uid}-v"
+        v = raw.v
         open_and_wait(raw, v, "q", params=SAMPLED)
         ref.open(
             Open(sid="q", epoch=0, ctx=CTX, sampling=SAMPLED, draft_model="", target_model="", max_new=16)
