@@ -208,7 +208,8 @@ class Worker(Intake):
         now = time.perf_counter()
         for job, step in batch:  # from arrival (or the session's previous step) to this forward
             self.metrics.queue_wait(now - job.received_at)
-            step.queue_ms = (now - job.received_at) * 1e3  # what the answer reports, waits for a turn included
+            # what the answer reports: the turns it waited included
+            step.queue_ms = (now - job.received_at) * 1e3
         try:
             results = self.verifier.run([step for _, step in batch])
         except Exception as exc:  # the sessions are as they were: their edges may retry

@@ -339,7 +339,7 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
 }  # fmt: skip
 _PLAIN: Final[dict[str, type]] = {_S: str, _U: int, _B: bool}
 _OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch"), (Verdict, "batch"),
-                              (Verdict, "batch_pos"), (Tokens, "batch"), (Tokens, "batch_pos")})  # omitted when None
+                              (Verdict, "batch_pos"), (Tokens, "batch"), (Tokens, "batch_pos")})  # fmt: skip
 _BY_T: Final[dict[str, type]] = {cls.T: cls for cls in _SCHEMA}
 _SAMPLING_KEYS: Final = ("temperature", "top_k", "top_p", "seed")
 _TIMING_KEYS: Final = ("verify_ms", "queue_ms")
