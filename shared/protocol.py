@@ -338,6 +338,7 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
     Error: {"sid": _S, "code": _S, "detail": _S, "seq": _U, "epoch": _U},
 }  # fmt: skip
 _PLAIN: Final[dict[str, type]] = {_S: str, _U: int, _B: bool}
+# optional fields: left off the wire when None
 _OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch"), (Verdict, "batch"),
                               (Verdict, "batch_pos"), (Tokens, "batch"), (Tokens, "batch_pos")})  # fmt: skip
 _BY_T: Final[dict[str, type]] = {cls.T: cls for cls in _SCHEMA}
