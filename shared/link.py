@@ -5,9 +5,13 @@ Two implementations: ``cloud_worker.local_link.LocalLink`` wraps a verifier in-p
 ``edge_agent.speculative`` runs unchanged over either, which keeps their comparison honest.
 
 Failure contract: a link raises ``SessionError(code="resync")`` when the verifier lost the session
-(evicted, unknown, or its owner presumed dead after the deadline and one retry): the loop then
-re-opens with ``epoch + 1`` and the full committed context. It raises ``BrokerError`` when the
-cloud cannot be reached at all; the loop then applies the cloud-unreachable policy.
+(evicted or unknown) and ``SessionError(code="worker_lost")`` when its owner is gone (its status
+left ``online``, or no answer after the deadline and one retry): the loop then re-opens with
+``epoch + 1``, the full committed context and the tokens still wanted. It raises ``BrokerError``
+when the broker cannot be reached and ``CloudUnavailableError`` when no worker can take the
+session (none online, or no answer to the open), as soon as it knows; the loop then applies the
+cloud-unreachable policy. A worker refusing an open because it is shutting down (``overloaded``)
+is the link's business: it opens elsewhere.
 """
 
 from __future__ import annotations
