@@ -165,6 +165,10 @@ class MqttLink:
     def shutdown(self) -> None:
         self.client.close()
 
+    def broker_connected(self) -> bool:
+        """Whether the connection to the broker is up now (metric ``spececd_edge_broker_connected``)."""
+        return self.client.connected.is_set()
+
     def available(self) -> bool:
         """Connected to the broker and at least one worker announces itself ``online``."""
         return self.client.connected.is_set() and bool(self.workers_online())
