@@ -193,6 +193,8 @@ def test_json_logs_turn_off_progress_bars_and_route_transformers() -> None:
     import transformers.utils.logging as tf_logging
 
     buf = io.StringIO()
+    verbosity = tf_logging.get_verbosity()  # other tests (the bench) turn transformers down to ERROR
+    tf_logging.set_verbosity_warning()
     try:
         setup_logging("INFO", json=True, stream=buf)
         assert not tf_logging.is_progress_bar_enabled()
@@ -203,6 +205,7 @@ def test_json_logs_turn_off_progress_bars_and_route_transformers() -> None:
     finally:
         tf_logging.enable_progress_bar()
         hub_utils.enable_progress_bars()
+        tf_logging.set_verbosity(verbosity)
         setup_logging("WARNING")
 
 
