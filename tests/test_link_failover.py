@@ -25,7 +25,7 @@ from shared.errors import CloudUnavailableError
 from shared.models import load_model
 from shared.protocol import Error, decode, encode
 from shared.sampling import SamplingParams
-from tests.tiny import make_tiny_model_dir
+from tests.tiny import load_tiny_pair
 from tests.workers import start_worker_process
 
 GREEDY = SamplingParams()
@@ -34,14 +34,7 @@ SEEDED = SamplingParams(temperature=0.8, seed=1234)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("failover-models")
-    draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return {
-        "draft": load_model(str(draft_dir)),
-        "target": load_model(str(target_dir)),
-        "target_dir": str(target_dir),
-    }
+    return load_tiny_pair(tmp_path_factory.mktemp("failover-models"))
 
 
 def reference_tokens(models, prompt: list[int], opts: GenerateOptions) -> list[int]:

@@ -20,9 +20,8 @@ from edge_agent.mqtt_link import MqttLink
 from edge_agent.results import collect
 from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
 from shared.errors import CloudUnavailableError
-from shared.models import load_model
 from shared.sampling import SamplingParams
-from tests.tiny import make_tiny_model_dir
+from tests.tiny import load_tiny_pair
 from tests.workers import start_worker_process, wait_status
 
 PROMPT = [5, 17, 42, 9]
@@ -32,14 +31,7 @@ SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return {
-        "draft": load_model(str(draft_dir)),
-        "target": load_model(str(target_dir)),
-        "target_dir": str(target_dir),
-    }
+    return load_tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.speculative import GenerateOptions, SessionState
 from shared import topics
-from shared.models import load_model
 from shared.protocol import Draft, Error, Open, Opened, Verdict, decode, encode
 from shared.sampling import SamplingParams, SparseDist
-from tests.tiny import make_tiny_model_dir
+from tests.tiny import load_tiny_pair
 from tests.workers import start_worker_process
 
 GREEDY = SamplingParams()
@@ -48,14 +47,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return {
-        "draft": load_model(str(draft_dir)),
-        "target": load_model(str(target_dir)),
-        "target_dir": str(target_dir),
-    }
+    return load_tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

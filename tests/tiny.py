@@ -79,3 +79,18 @@ def make_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_tiny_pair(root: Path) -> dict:
+    """The usual test pair under ``root``: a 1-layer qwen2 draft (seed 1) and a 2-layer qwen2
+    target (seed 2) sharing the tiny tokenizer, loaded through ``shared.models.load_model``.
+    Returns ``{"draft", "target", "target_dir"}``."""
+    from shared.models import load_model
+
+    draft_dir = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
+    target_dir = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
+    return {
+        "draft": load_model(str(draft_dir)),
+        "target": load_model(str(target_dir)),
+        "target_dir": str(target_dir),
+    }
