@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(MODES)} (default {DEFAULT_MODES})",
     )
     ap.add_argument(
-        "--gamma", type=_list(_gamma), default=[4],
+        "--gamma",
+        type=_list(_gamma),
+        default=[4],
         help="draft tokens per round: one or a comma list; 'auto' = the adaptive controller (e.g. 1,2,3,4,6,auto)",
     )
     ap.add_argument(

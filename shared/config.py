@@ -410,6 +410,16 @@ def load_edge_config(
     )
 
 
+_WORKER_BATCH_KEYS = (
+    "max_batch_tokens",
+    "max_batch_sessions",
+    "batch_window_ms",
+    "max_cached_tokens",
+    "max_sessions_per_device",
+    "max_opens_per_s_per_device",
+)  # the worker's scheduling and quota keys, passed through as they are
+
+
 def load_worker_config(
     path: str | None = None,
     *,
@@ -423,8 +433,7 @@ def load_worker_config(
         worker_id=values["worker_id"] or values["username"] or default_name(),
         max_sessions=values["max_sessions"],
         metrics_listen=_hostport_of(values["metrics_listen"]),
-        **{k: values[k] for k in ("max_batch_tokens", "max_batch_sessions", "batch_window_ms", "max_cached_tokens",
-                                  "max_sessions_per_device", "max_opens_per_s_per_device")},  # fmt: skip
+        **{k: values[k] for k in _WORKER_BATCH_KEYS},
     )
 
 

@@ -349,8 +349,20 @@ KEYS: dict[str, _Key] = {
         _Key("max_sessions", _W, _int(1, 1_000_000), DEFAULT_MAX_SESSIONS, "sessions kept (LRU beyond)"),
         _Key("max_batch_tokens", _W, _int(1, 1_000_000), 512, "padded positions per target forward"),
         _Key("max_batch_sessions", _W, _int(1, 4096), 32, "sessions per target forward (1 = unbatched)"),
-        _Key("batch_window_ms", _W, _float(0.0, 10_000.0), 0.0, "wait for a batch to fill (0 = take what is queued)"),
-        _Key("max_cached_tokens", _W, _int(1, 1 << 40), 1 << 20, "KV-cached tokens over all sessions (LRU beyond)"),
+        _Key(
+            "batch_window_ms",
+            _W,
+            _float(0.0, 10_000.0),
+            0.0,
+            "wait for a batch to fill (0 = take what is queued)",
+        ),
+        _Key(
+            "max_cached_tokens",
+            _W,
+            _int(1, 1 << 40),
+            1 << 20,
+            "KV-cached tokens over all sessions (LRU beyond)",
+        ),
         _Key(
             "max_sessions_per_device",
             _W,
@@ -358,7 +370,9 @@ KEYS: dict[str, _Key] = {
             0,
             "sessions one device may hold (0 = only max_sessions; the device holding most is evicted first)",
         ),
-        _Key("max_opens_per_s_per_device", _W, _float(0.0, 1e6), 20.0, "opens per second per device (0 = off)"),
+        _Key(
+            "max_opens_per_s_per_device", _W, _float(0.0, 1e6), 20.0, "opens per second per device (0 = off)"
+        ),
         _Key("metrics_listen", _W, _hostport(listen=True), None, "Prometheus HOST:PORT (unset = off)"),
         _Key("log_level", _BOTH, _choice(*_LEVELS, fold=True), "info", "log level"),
         _Key("log_json", _BOTH, _bool, False, "log one JSON object per line"),

@@ -278,7 +278,10 @@ class EdgeMetrics:
             p + "verify_seconds", "Worker-reported model time per round.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.gamma = Histogram(
-            p + "gamma", "Draft tokens proposed per speculative round (γ chosen).", buckets=GAMMA_BUCKETS, registry=r
+            p + "gamma",
+            "Draft tokens proposed per speculative round (γ chosen).",
+            buckets=GAMMA_BUCKETS,
+            registry=r,
         )
         self.gamma_predicted_tokens = Counter(
             p + "gamma_predicted_tokens",
@@ -289,7 +292,9 @@ class EdgeMetrics:
             p + "gamma_predicted_rounds", "Speculative rounds the γ controller predicted.", registry=r
         )
         self.gamma_committed_tokens = Counter(
-            p + "gamma_committed_tokens", "Committed tokens of the rounds the γ controller predicted.", registry=r
+            p + "gamma_committed_tokens",
+            "Committed tokens of the rounds the γ controller predicted.",
+            registry=r,
         )
         self.link_bytes = Counter(p + "link_bytes", "Payload bytes on the link.", ["direction"], registry=r)
         self.tokens = Counter(p + "tokens", "Generated tokens by source.", ["source"], registry=r)

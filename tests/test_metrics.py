@@ -154,7 +154,9 @@ def test_edge_metrics_follow_real_generations(pair, mode) -> None:
         assert value(s, "spececd_edge_position_judged_total", position="0") == len(result.rounds)
         assert value(s, "spececd_edge_gamma_sum") == result.drafted
         pred = result.gamma_prediction  # every round but the first (nothing measured yet); fixed γ too
-        assert value(s, "spececd_edge_gamma_predicted_rounds_total") == pred["rounds"] == len(result.rounds) - 1
+        assert (
+            value(s, "spececd_edge_gamma_predicted_rounds_total") == pred["rounds"] == len(result.rounds) - 1
+        )
         assert value(s, "spececd_edge_gamma_committed_tokens_total") == pred["tokens"]
         assert value(s, "spececd_edge_gamma_predicted_tokens_total") == pytest.approx(pred["pred_tokens"])
     else:
