@@ -22,6 +22,7 @@ import shlex
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.fleet_record import CLOUD, SPECULATIVE, Recording, record_one, save_recordings
 from bench.fleet_replay import Replayer, only, plan_slots
@@ -95,6 +96,20 @@ def start_worker(
     return proc, worker_id, f"http://127.0.0.1:{port}/metrics"
 
 
+def open_broker_and_pin(procs: Procs, args, *, start_broker: bool, edge_cores) -> tuple[tuple[str, int], Any]:
+    """The broker (our own, or ``--host/--port``) and its ``BrokerConfig``, with the edge side
+    pinned to its cores and one torch thread: how the fleet and noisy-neighbour benchmarks start."""
+    import torch
+
+    from shared.mqtt import BrokerConfig
+
+    broker = procs.start_broker() if start_broker else (args.host or "127.0.0.1", args.port or 1883)
+    if edge_cores:
+        os.sched_setaffinity(0, edge_cores)
+    torch.set_num_threads(1)
+    return broker, BrokerConfig(host=broker[0], port=broker[1])
+
+
 def record_all(
     link, draft, prompts, args, draft_spec: str, target_spec: str, modes: list[str]
 ) -> list[Recording]:
@@ -143,14 +158,12 @@ def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, se
 
 def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: str = "") -> Path:
     """The whole fleet benchmark of ``args``; writes fleet.json/.md/.png into ``args.out``."""
-    import torch
 
     from bench.cli import load_prompts, machine_meta
     from bench.fleet_report import write_fleet_report
     from bench.network import wait_worker_online
     from edge_agent.mqtt_link import MqttLink
     from shared.models import load_model
-    from shared.mqtt import BrokerConfig
 
     edge_cores, worker_cores, pin_text = pinning
     modes = args.fleet_modes
@@ -177,11 +190,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     old_affinity = os.sched_getaffinity(0)
     with Procs(out / "logs") as procs:
         try:
-            broker = procs.start_broker() if start_broker else (args.host or "127.0.0.1", args.port or 1883)
-            cfg = BrokerConfig(host=broker[0], port=broker[1])
-            if edge_cores:
-                os.sched_setaffinity(0, edge_cores)
-            torch.set_num_threads(1)
+            broker, cfg = open_broker_and_pin(procs, args, start_broker=start_broker, edge_cores=edge_cores)
             max_sessions = max(64, 2 * max(ns))
             for ci, (name, extra) in enumerate(configs):
                 proc, wid, murl = start_worker(procs, broker, target=target_spec, draft_name=draft_spec,

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.fleet import record_all, start_worker
+from bench.fleet import open_broker_and_pin, record_all, start_worker
 from bench.fleet_record import save_recordings
 from bench.fleet_replay import Replayer, only
 from bench.fleet_stats import proc_rss_mb
@@ -75,13 +75,11 @@ def _flood_tokens(path: Path, window: tuple[float, float]) -> tuple[int, dict]:
 
 def run_noisy(args, draft_spec: str, target_spec: str, pinning, *, argv_text: str = "") -> Path:
     """The noisy-neighbour benchmark of ``args``; writes noisy.json and noisy.md into ``args.out``."""
-    import torch
 
     from bench.cli import load_prompts, machine_meta
     from bench.network import wait_worker_online
     from edge_agent.mqtt_link import MqttLink
     from shared.models import load_model
-    from shared.mqtt import BrokerConfig
 
     edge_cores, worker_cores, pin_text = pinning
     out: Path = args.out
@@ -95,11 +93,7 @@ def run_noisy(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                                        "decodes": args.noisy_decodes}}}  # fmt: skip
     with Procs(out / "logs") as procs:
         try:
-            broker = procs.start_broker() if start_broker else (args.host or "127.0.0.1", args.port or 1883)
-            cfg = BrokerConfig(host=broker[0], port=broker[1])
-            if edge_cores:
-                os.sched_setaffinity(0, edge_cores)
-            torch.set_num_threads(1)
+            broker, cfg = open_broker_and_pin(procs, args, start_broker=start_broker, edge_cores=edge_cores)
             proc, wid, _murl = start_worker(procs, broker, target=target_spec, draft_name=draft_spec,
                                             cores=worker_cores, max_sessions=64, extra=[])  # fmt: skip
             link = MqttLink(cfg, device="good", round_timeout_s=args.round_timeout_s)
