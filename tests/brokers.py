@@ -202,6 +202,8 @@ def prod_missing() -> str | None:
         return "make or cc missing: apt-get install make gcc (to build broker/retain-guard)"
     if not Path("/usr/include/mosquitto_plugin.h").exists():
         return "mosquitto_plugin.h missing: apt-get install mosquitto-dev (to build broker/retain-guard)"
+    if not Path("/usr/include/mosquitto.h").exists():
+        return "mosquitto.h missing: apt-get install libmosquitto-dev (to build broker/retain-guard)"
     if not any(glob.glob(pattern) for pattern in DYNSEC_PLUGIN_PATHS):
         return "mosquitto_dynamic_security.so not found (Debian's mosquitto package has it)"
     return mosquitto_missing()
