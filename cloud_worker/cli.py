@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_tokens=cfg.max_batch_tokens,
             max_batch_sessions=cfg.max_batch_sessions,
             batch_window_ms=cfg.batch_window_ms,
+            fair_wait_ms=cfg.fair_wait_ms,
             max_cached_tokens=cfg.max_cached_tokens,
             max_sessions_per_device=cfg.max_sessions_per_device,
             max_opens_per_s_per_device=cfg.max_opens_per_s_per_device,

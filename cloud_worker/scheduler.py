@@ -1,23 +1,34 @@
-"""Which queued requests share the next target forward (issue 9; docs/ARCHITECTURE.md, "Worker:
-batched verification").
+"""Which queued requests share the next target forward (issue 9, issue 10; docs/ARCHITECTURE.md,
+"Worker: batched verification").
 
 Every session has its own FIFO of jobs (opens, drafts, decodes). A forward takes at most ONE job
 per session, so a session's requests keep their order and a decode of n tokens is n forwards,
-interleaved with everyone else's work. Sessions with work wait in their device's turn order, and
-devices in the worker's turn order: a round takes one session from each device in turn, then
-goes round again, until the forward is full. Devices and sessions served go to the back; one
-that did not fit stays at the front, so it comes first next time. One device's sessions thus
-cannot take the whole batch while another device waits: while several devices have work,
-each device's rows beyond its first stay within its share of ``max_tokens`` (the budget divided
-by the devices with work), so a flood of long drafts cannot make every forward long.
+interleaved with everyone else's work.
+
+Who leads (fair in model TIME, not in rows): every device has a virtual time, the seconds of
+target forwards charged to it (``charge``: a forward's wall time split over its rows by their
+real positions). The device with the least virtual time that has work leads the next forward;
+ties go round-robin. A device that had no work keeps at most ``credit`` seconds of lead over the
+others when it comes back (a few forwards' worth), so going idle between rounds costs it nothing
+while a device idle for long cannot bank time. A flood of long drafts is charged what its
+forwards cost and waits while the others catch up.
+
+Who rides along: after the leader, one session from each device in virtual-time order, then
+round again, until the forward is full. A padded forward costs rows × its widest row, so no row
+rides in a forward more than twice its own length (a 3-token draft is never padded to a 64-token
+one or to a prefill, and drafts of mixed small γ still go together); an open's prefill beside
+others is cut to the current width. While several
+devices have (or just had) work, each device's rows beyond its first stay within its share of
+``max_tokens``, and a leading prefill is cut to that share.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
-row: what a padded forward costs). The first row is always taken; an open's prefill is cut to
-fit (the rest is its next step): the whole budget when it comes first, else the current row width.
+row: what a padded forward costs). The leader's row is always taken; an open's prefill is cut to
+fit (the rest is its next step).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +38,9 @@ from cloud_worker.sessions import Step
 
 MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
+WIDTH_RATIO = 2  # no row of a forward is padded to more than this many times its own length
+CREDIT_FORWARDS = 4  # an idle device comes back at most this many (mean) forwards behind the busy ones
+RECENT_S = 1.0  # a device that had work this recently still counts for the shares
 
 
 @dataclass
@@ -45,9 +59,16 @@ class Job:
 
 
 class Scheduler:
-    """Per-session queues served round-robin by device (one job per session per forward)."""
+    """Per-session queues; forwards led by the device with the least model time (one job per
+    session per forward)."""
 
-    def __init__(self, *, max_tokens: int = 512, max_sessions: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        max_tokens: int = 512,
+        max_sessions: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_tokens < 1 or max_sessions < 1:
             raise ValueError("max_tokens and max_sessions must be >= 1")
         self.max_tokens = max_tokens
@@ -55,9 +76,19 @@ class Scheduler:
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
         self._queued = 0
+        self._clock = clock
+        self.vtime: dict[str, float] = {}  # device -> seconds of forwards charged to it
+        self._seen: dict[str, float] = {}  # device -> when it last had work (clock)
+        self._forward_s = 0.0  # a running mean of a forward's wall time
+        self._rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
 
     def __len__(self) -> int:
         return self._queued  # a plain int: safe to read from another thread (metrics)
+
+    @property
+    def credit(self) -> float:
+        """The most model time (s) an idle device may be behind the others when it comes back."""
+        return CREDIT_FORWARDS * self._forward_s
 
     def push(self, job: Job, *, front: bool = False) -> bool:
         """Queue ``job`` behind its session's others (``front``: a continuing step, before them).
@@ -70,7 +101,15 @@ class Scheduler:
             if job.device not in self.devices and len(self.devices) >= MAX_DEVICES:
                 for idle in [d for d, turn in self.devices.items() if not turn]:
                     del self.devices[idle]
-            self.devices.setdefault(job.device, deque()).append(job.key)
+                    self.vtime.pop(idle, None)
+                    self._seen.pop(idle, None)
+            turn = self.devices.setdefault(job.device, deque())
+            if not turn:  # the device comes back from idle: at most ``credit`` behind the busy ones
+                busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
+                if busy:
+                    floor = min(busy) - self.credit
+                    self.vtime[job.device] = max(self.vtime.get(job.device, floor), floor)
+            turn.append(job.key)
         if front:
             q.appendleft(job)
         else:
@@ -98,21 +137,58 @@ class Scheduler:
             self.devices[job.device].remove(key)  # the device keeps its place in the turn order
         return job
 
+    def owed(self, keys: set[str]) -> set[str]:
+        """Those of ``keys`` (sessions just answered, not queued again yet) whose device would
+        lead the next forward if its request were here: it has less model time than every device
+        with work. Waiting briefly for them keeps a device that is between rounds from losing its
+        turn to an expensive forward of a device that is ahead."""
+        busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
+        if not busy:
+            return set()
+        ahead = min(busy)
+        return {
+            key
+            for key in keys
+            if key not in self.queues and self.vtime.get(key.rpartition("/")[0], 0.0) < ahead
+        }
+
+    @property
+    def forward_s(self) -> float:
+        """A running mean of a forward's wall time (s)."""
+        return self._forward_s
+
+    def charge(self, seconds: float) -> None:
+        """Charge the last selected forward's wall time to its devices, by real positions."""
+        rows, self._rows = self._rows, []
+        total = sum(k for _, k in rows)
+        if not total or seconds < 0:
+            return
+        self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
+        for device, k in rows:
+            self.vtime[device] = self.vtime.get(device, 0.0) + seconds * k / total
+
     def select(self, prepare: Callable[[Job], Step | None]) -> list[tuple[Job, Step]]:
         """Take the jobs of the next forward. ``prepare(job)`` validates a job and returns its
         step, or answers it and returns None (then the session's next job is considered)."""
+        now = self._clock()
+        for device, turn in self.devices.items():
+            if turn:
+                self._seen[device] = now
+        for device in [d for d, t in self._seen.items() if now - t > RECENT_S]:
+            del self._seen[device]
+        # a device's share of the forward's positions while others have (or just had) work: its
+        # first row always goes in, more only within the share (the rest waits for the next forward)
+        fair = self.max_tokens // max(1, len(self._seen))
+        # stable: equal virtual times keep the round-robin order
+        order = sorted(self.devices, key=lambda d: self.vtime.get(d, 0.0))
         batch: list[tuple[Job, Step]] = []
-        width = 0  # the longest row so far
+        fit = _Fit(self.max_tokens, fair, alone=len(self._seen) <= 1)
         taken: set[str] = set()
         served: list[str] = []
-        # a device's fair share of the forward's positions while others have work too; its first
-        # row always goes in, more only within the share (the rest waits for the next forward)
-        fair = self.max_tokens // max(1, sum(1 for turn in self.devices.values() if turn))
-        used: dict[str, int] = {}
         progress = True
         while progress and len(batch) < self.max_sessions:
             progress = False
-            for device in list(self.devices):
+            for device in order:
                 if len(batch) >= self.max_sessions:
                     break
                 turn = self.devices.get(device)
@@ -128,18 +204,15 @@ class Scheduler:
                 if step is None:
                     progress = True
                     continue
-                k = self._fit(job, step, len(batch), width)
-                if k is not None and used.get(device, 0) and used[device] + k > fair:
-                    k = None
+                k = fit.take(job, step, device)
                 taken.add(key)
                 if k is None:
                     continue  # does not fit: first in line next time
                 self._pop(key)
                 batch.append((job, step))
-                width = max(width, k)
-                used[device] = used.get(device, 0) + k
                 served.append(key)
                 progress = True
+        self._rows = [(job.device, len(step.row.tokens)) for job, step in batch]
         firsts = [key.rpartition("/")[0] for key in served]
         for key, device in zip(served, firsts, strict=True):  # served ones go to the back
             if device in self.devices:
@@ -152,15 +225,40 @@ class Scheduler:
             self.devices.move_to_end(firsts[0])  # every device was served: the next round starts one later
         return batch
 
-    def _fit(self, job: Job, step: Step, rows: int, width: int) -> int | None:
-        """The row length ``step`` runs with in this forward, or None when it does not fit."""
-        k = len(step.row.tokens)
-        # a prefill is cut into chunks (the rest is its next step): first in a forward it may take
-        # the whole budget; beside others only the current row width, so it never pads them
-        room = self.max_tokens if rows == 0 else max(width, 1)
-        if job.prefill and k > room:
-            del step.row.tokens[room:]
-            k = room
-        if rows and (rows + 1) * max(width, k) > self.max_tokens:
-            return None
+
+class _Fit:
+    """The rows of one forward so far, and whether another fits (module docstring)."""
+
+    def __init__(self, max_tokens: int, fair: int, *, alone: bool) -> None:
+        self.max_tokens, self.fair, self.alone = max_tokens, fair, alone
+        self.rows = self.width = self.narrowest = 0
+        self.used: dict[str, int] = {}
+
+    def take(self, job: Job, step: Step, device: str) -> int | None:
+        """The row length ``step`` runs with in this forward (its prefill cut), or None when it
+        does not fit; a row that fits is counted in."""
+        tokens = step.row.tokens
+        k = len(tokens)
+        if not self.rows:  # the leader: always in; a prefill cut to the budget (its share when shared)
+            room = self.max_tokens if self.alone else max(1, self.fair)
+            if job.prefill and k > room:
+                del tokens[room:]
+                k = room
+            self.narrowest = k
+        else:
+            if job.prefill and k > self.width:  # beside others: never widens the forward
+                k = max(self.width, 1)
+            width = max(self.width, k)
+            if (
+                width > WIDTH_RATIO * min(k, self.narrowest)
+                or (self.rows + 1) * width > self.max_tokens
+                or (self.used.get(device, 0) and self.used[device] + k > self.fair)
+            ):
+                return None
+            if job.prefill:
+                del tokens[k:]
+        self.rows += 1
+        self.width = max(self.width, k)
+        self.narrowest = min(self.narrowest, k)
+        self.used[device] = self.used.get(device, 0) + k
         return k

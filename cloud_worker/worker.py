@@ -3,8 +3,9 @@
 Threads: paho's network thread only enqueues (``on_message`` never does model work). One model
 thread loops: take every message that has arrived (decode, check, queue it on its session:
 ``cloud_worker.scheduler``), then run ONE target forward over the next jobs of many sessions
-(``Verifier.run``), publish the answers, and go round again. It never waits for a batch to fill
-beyond ``batch_window_ms`` (default 0: take what is queued).
+(``Verifier.run``), publish the answers, and go round again. It never waits for a batch to fill;
+with ``batch_window_ms`` > 0 it waits up to that long for the sessions the last forward answered
+(default 0: take what is queued).
 
 Ownership: an ``open`` reaches one worker through the shared subscription. That worker
 subscribes to the session's ``up`` topic, waits for the SUBACK, prefills, and only then answers
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Worker", "install_sigterm", "same_model_name"]
 
 DRAIN_TIMEOUT_S = 30.0
+FAIR_WAIT_MS = 20.0  # the most the model waits for a device owed model time (``_await_rejoin``)
 _STOP = object()  # sentinel: the model thread finishes queued work, then exits
 
 
@@ -65,6 +67,7 @@ class Worker(Intake):
         max_batch_tokens: int = 512,
         max_batch_sessions: int = 32,
         batch_window_ms: float = 0.0,
+        fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
         max_opens_per_s_per_device: float = 20.0,
@@ -80,6 +83,8 @@ class Worker(Intake):
         )
         self.scheduler = Scheduler(max_tokens=max_batch_tokens, max_sessions=max_batch_sessions)
         self.batch_window_s = max(0.0, batch_window_ms) / 1e3
+        self.fair_wait_s = max(0.0, fair_wait_ms) / 1e3
+        self._answered_keys: set[str] = set()  # sessions the last forward answered (``_await_rejoin``)
         self.open_rate = OpenRate(max_opens_per_s_per_device, burst=max(max_opens_per_s_per_device, 1.0))
         self.target_name = target_name or target.name
         self.draft_name = draft_name
@@ -170,19 +175,44 @@ class Worker(Intake):
                 self._intake(self.jobs.get())
             if not self._stopping:  # draining: finish what was queued before the stop, take nothing new
                 self._drain_intake()
-            if self.batch_window_s and len(self.scheduler) and not self._stopping:
-                deadline = time.monotonic() + self.batch_window_s
-                while len(self.scheduler) < self.scheduler.max_sessions and time.monotonic() < deadline:
-                    try:
-                        self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-                    except queue.Empty:
-                        break
+            if self._answered_keys and len(self.scheduler) and not self._stopping:
+                self._await_rejoin()
             self.metrics.set_queue_depth(self.jobs.qsize() + len(self.scheduler))
             try:
                 self._forward_once()
             except Exception:  # one bad batch must never take the worker down
                 log.exception("unexpected error in the model loop")
                 self._count("internal")
+
+    def _await_rejoin(self) -> None:
+        """Wait briefly for sessions the last forward answered to send their next request.
+
+        - ``batch_window_ms`` > 0: up to that long for all of them, so that sessions answered
+          together are verified together (without it a saturated fleet splits into cohorts that
+          take turns: each forward holds the sessions whose request arrived while the previous one
+          ran, and those it answers come back just too late).
+        - Always, for those whose device is owed model time (``Scheduler.owed``): up to
+          ``fair_wait_ms``, at most a quarter of a mean forward, so a device between rounds does
+          not lose its turn to an expensive forward of a device that is ahead.
+
+        Returns as soon as the awaited sessions are all back."""
+        answered, self._answered_keys = self._answered_keys, set()
+        if self.batch_window_s:
+            awaited, window = answered, self.batch_window_s
+        else:
+            awaited = self.scheduler.owed(answered)
+            window = min(self.fair_wait_s, 0.25 * self.scheduler.forward_s)
+        deadline = time.monotonic() + window
+        while (
+            awaited - self.scheduler.queues.keys()
+            and len(self.scheduler) < self.scheduler.max_sessions
+            and time.monotonic() < deadline
+            and not self._stopping
+        ):
+            try:
+                self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
 
     def _drain_intake(self) -> None:
         while True:
@@ -210,9 +240,11 @@ class Worker(Intake):
             self.metrics.queue_wait(now - job.received_at)
             # what the answer reports: the turns it waited included
             step.queue_ms = (now - job.received_at) * 1e3
+        started = time.perf_counter()
         try:
             results = self.verifier.run([step for _, step in batch])
         except Exception as exc:  # the sessions are as they were: their edges may retry
+            self.scheduler.charge(time.perf_counter() - started)
             log.exception("target forward over %d sessions failed", len(batch))
             for job, _ in batch:
                 self._count("internal")
@@ -225,7 +257,9 @@ class Worker(Intake):
                     job.incoming,
                 )
             return
+        self.scheduler.charge(time.perf_counter() - started)
         jobs = dict((id(step), job) for job, step in batch)
+        self._answered_keys = {job.key for job, step in batch if not step.more}
         self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0)
         for step, replies in results:
             job = jobs[id(step)]

@@ -354,7 +354,14 @@ KEYS: dict[str, _Key] = {
             _W,
             _float(0.0, 10_000.0),
             0.0,
-            "wait for a batch to fill (0 = take what is queued)",
+            "wait for the sessions the last forward answered (0 = take what is queued)",
+        ),
+        _Key(
+            "fair_wait_ms",
+            _W,
+            _float(0.0, 10_000.0),
+            20.0,
+            "wait for a device owed model time (capped at a quarter of a mean forward)",
         ),
         _Key(
             "max_cached_tokens",
