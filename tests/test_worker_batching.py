@@ -218,3 +218,51 @@ def test_failover_while_sessions_share_a_batch(models, reference, dev_broker, ui
             a.close()
         for w in workers.values():
             w.proc.kill()
+
+
+def _queued_job(device: str, sid: str):
+    from cloud_worker.batching import Row
+    from cloud_worker.scheduler import Job
+    from cloud_worker.sessions import Step
+
+    job = Job(f"{device}/{sid}", device, sid, None, "", None, time.perf_counter())
+    job.step = Step(job.key, None, Row(None, 0, [1, 2, 3]), None)  # type: ignore[arg-type]
+    return job
+
+
+@pytest.mark.parametrize("window_ms", [0, 300])
+def test_worker_waits_briefly_for_the_sessions_it_just_answered(models, dev_broker, uid, window_ms) -> None:
+    """After a forward the model thread waits for just-answered sessions (all of them with
+    ``batch_window_ms``; otherwise those whose device is owed model time, up to ``fair_wait_ms``
+    and a quarter of a mean forward), and stops waiting as soon as they are back."""
+    worker = Worker(
+        models["target"],
+        dev_broker.config(),
+        worker_id=f"w-{uid}",
+        batch_window_ms=window_ms,
+        fair_wait_ms=300,
+    )
+    sched = worker.scheduler
+    worker._intake = sched.push  # the messages below are already-validated jobs
+    sched.push(_queued_job("flood", "f"))
+    sched.select(lambda job: job.step)
+    sched.charge(4.0)  # the flood has had 4 s of model time, calm none: calm is owed
+    sched.push(_queued_job("flood", "f"))
+    # calm comes back after 50 ms; "gone" (a finished generation) never does
+    worker._answered_keys = {"calm/c", "gone/g"} if window_ms else {"calm/c"}
+
+    threading.Timer(0.05, worker.jobs.put, [_queued_job("calm", "c")]).start()
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    waited = time.monotonic() - t0
+    assert "calm/c" in sched.queues
+    if window_ms:  # waits for every answered session: "gone" holds it to the window
+        assert 0.29 <= waited < 1.0
+    else:  # only for the owed one, and not a moment after it is back
+        assert 0.04 <= waited < 0.25
+    assert sched.select(lambda job: job.step)[0][0].device == "calm"  # and it leads
+
+    worker._answered_keys = {"flood/f2"}  # not owed (the flood is ahead): no wait without a window
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    assert (time.monotonic() - t0 < 0.05) == (window_ms == 0)
