@@ -8,9 +8,10 @@ interleaved with everyone else's work.
 Who leads (fair in model TIME, not in rows): every device has a virtual time, the seconds of
 target forwards charged to it (``charge``: a forward's wall time split over its rows by their
 real positions). The device with the least virtual time that has work leads the next forward;
-ties go round-robin. A device that had no work keeps at most ``credit`` seconds of lead over the
-others when it comes back (a few forwards' worth), so going idle between rounds costs it nothing
-while a device idle for long cannot bank time. A flood of long drafts is charged what its
+ties go round-robin. A device that had no work, or is new, comes back at most ``credit`` seconds
+(a few forwards) behind the devices with work, or behind the worker's virtual time when none has
+work: going idle between rounds costs a device nothing, a device idle for long cannot bank time,
+and one that had the worker to itself is not made to pay for it when another arrives. A flood of long drafts is charged what its
 forwards cost and waits while the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
@@ -18,8 +19,9 @@ round again, until the forward is full. A padded forward costs rows × its wides
 rides in a forward more than twice its own length (a 3-token draft is never padded to a 64-token
 one or to a prefill, and drafts of mixed small γ still go together); an open's prefill beside
 others is cut to the current width. While several
-devices have (or just had) work, each device's rows beyond its first stay within its share of
-``max_tokens``, and a leading prefill is cut to that share.
+devices have (or just had) work, the leader's rows beyond its first stay within its share of
+``max_tokens`` (a leading prefill is cut to that share), and a rider's beyond its first within
+what the leader holds: a device ahead in model time cannot lengthen the forward of one behind.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
 row: what a padded forward costs). The leader's row is always taken; an open's prefill is cut to
@@ -40,7 +42,7 @@ MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while 
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
 WIDTH_RATIO = 2  # no row of a forward is padded to more than this many times its own length
 CREDIT_FORWARDS = 4  # an idle device comes back at most this many (mean) forwards behind the busy ones
-RECENT_S = 1.0  # a device that had work this recently still counts for the shares
+RECENT_S = 1.0  # a device that had work this recently (or within 3 mean forwards) counts for the shares
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Scheduler:
         self._seen: dict[str, float] = {}  # device -> when it last had work (clock)
         self._forward_s = 0.0  # a running mean of a forward's wall time
         self._rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
+        self._vnow = 0.0  # the worker's virtual time: the furthest a served device has got
 
     def __len__(self) -> int:
         return self._queued  # a plain int: safe to read from another thread (metrics)
@@ -104,11 +107,10 @@ class Scheduler:
                     self.vtime.pop(idle, None)
                     self._seen.pop(idle, None)
             turn = self.devices.setdefault(job.device, deque())
-            if not turn:  # the device comes back from idle: at most ``credit`` behind the busy ones
+            if not turn:  # the device comes back from idle (or is new): at most ``credit`` behind
                 busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
-                if busy:
-                    floor = min(busy) - self.credit
-                    self.vtime[job.device] = max(self.vtime.get(job.device, floor), floor)
+                floor = (min(busy) if busy else self._vnow) - self.credit
+                self.vtime[job.device] = max(self.vtime.get(job.device, floor), floor)
             turn.append(job.key)
         if front:
             q.appendleft(job)
@@ -166,6 +168,7 @@ class Scheduler:
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for device, k in rows:
             self.vtime[device] = self.vtime.get(device, 0.0) + seconds * k / total
+            self._vnow = max(self._vnow, self.vtime[device])
 
     def select(self, prepare: Callable[[Job], Step | None]) -> list[tuple[Job, Step]]:
         """Take the jobs of the next forward. ``prepare(job)`` validates a job and returns its
@@ -174,7 +177,8 @@ class Scheduler:
         for device, turn in self.devices.items():
             if turn:
                 self._seen[device] = now
-        for device in [d for d, t in self._seen.items() if now - t > RECENT_S]:
+        recent = max(RECENT_S, 3 * self._forward_s)
+        for device in [d for d, t in self._seen.items() if now - t > recent]:
             del self._seen[device]
         # a device's share of the forward's positions while others have (or just had) work: its
         # first row always goes in, more only within the share (the rest waits for the next forward)
@@ -233,6 +237,7 @@ class _Fit:
         self.max_tokens, self.fair, self.alone = max_tokens, fair, alone
         self.rows = self.width = self.narrowest = 0
         self.used: dict[str, int] = {}
+        self.leader = ""
 
     def take(self, job: Job, step: Step, device: str) -> int | None:
         """The row length ``step`` runs with in this forward (its prefill cut), or None when it
@@ -245,6 +250,7 @@ class _Fit:
                 del tokens[room:]
                 k = room
             self.narrowest = k
+            self.leader = device
         else:
             if job.prefill and k > self.width:  # beside others: never widens the forward
                 k = max(self.width, 1)
@@ -252,7 +258,7 @@ class _Fit:
             if (
                 width > WIDTH_RATIO * min(k, self.narrowest)
                 or (self.rows + 1) * width > self.max_tokens
-                or (self.used.get(device, 0) and self.used[device] + k > self.fair)
+                or (self.used.get(device, 0) and self.used[device] + k > self._share(device))
             ):
                 return None
             if job.prefill:
@@ -262,3 +268,11 @@ class _Fit:
         self.narrowest = min(self.narrowest, k)
         self.used[device] = self.used.get(device, 0) + k
         return k
+
+    def _share(self, device: str) -> int:
+        """The most positions ``device`` may hold in this forward beyond its first row: the
+        leader's device its share of the budget; a rider no more than the leader's device holds,
+        so the forward of a device owed model time is not lengthened by the rows of one ahead."""
+        if device == self.leader:
+            return self.fair
+        return min(self.fair, self.used.get(self.leader, 0))

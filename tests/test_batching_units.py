@@ -253,6 +253,18 @@ def test_model_time_is_shared_fairly_with_a_flood_of_long_drafts() -> None:
     assert shared["flood"] > 0  # and the flood is still served
 
 
+def test_riders_hold_no_more_than_the_leaders_device() -> None:
+    sched = Scheduler()
+    sched.vtime.update(good=0.0, flood=50.0)  # the flood is far ahead in model time
+    sched.push(_job("good", "g", k=3))
+    for i in range(10):
+        sched.push(_job("flood", f"f{i}", k=3))
+    assert [j.device for j, _ in sched.select(_prepare)] == ["good", "flood"]
+    sched.push(_job("flood", "p", k=300, prefill=True))
+    sched.vtime["flood"] = -1.0  # now the flood leads: its rows within its share, whoever waits
+    assert len(sched.select(_prepare)) > 2
+
+
 def test_an_idle_device_comes_back_with_bounded_credit() -> None:
     now = [0.0]
     sched = Scheduler(clock=lambda: now[0])
@@ -265,6 +277,26 @@ def test_an_idle_device_comes_back_with_bounded_credit() -> None:
     assert sched.vtime["late"] == pytest.approx(sched.vtime["busy"] - sched.credit)
     assert sched.credit == pytest.approx(4.0)  # four mean forwards
     assert sched.select(_prepare)[0][0].device == "late"
+
+
+def test_a_device_that_had_the_worker_alone_does_not_pay_for_it_later() -> None:
+    """The noisy-neighbour run: the good device generated alone for 30 s, went idle between two
+    generations, and the flood arrived then. The flood must not start 30 s behind."""
+    sched = Scheduler()
+    for _ in range(30):  # 30 forwards of 1 s, alone
+        sched.push(_job("good", "g"))
+        sched.select(_prepare)
+        sched.charge(1.0)
+    sched.push(_job("flood", "f", k=65))  # arrives while good is idle
+    sched.push(_job("good", "g2"))  # good's next generation
+    leaders = []
+    for _ in range(12):
+        batch = sched.select(_prepare)
+        leaders.append(batch[0][0].device)
+        sched.charge(1.0)
+        for job, _ in batch:
+            sched.push(_job(job.device, job.sid, k=len(_.row.tokens)))
+    assert leaders.count("good") >= 4, leaders  # the flood leads first for its credit only
 
 
 def test_owed_names_answered_sessions_whose_device_is_behind() -> None:
