@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from shared.kvcache import forward_cached, forward_kwargs
+from shared.kvcache import forward_cached, forward_kwargs, last_logits_only
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Row:
     cache: DynamicCache
     cache_len: int
     tokens: list[int]
+    logits: bool = True  # False: the row's logits are not used (a prefill chunk)
 
 
 def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,11 +52,14 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
     """Run ONE forward over every row's new tokens; return each row's logits ``[k_i, V]`` (float32, CPU).
 
     Each row's cache is replaced by one holding its old positions plus its new tokens (its
-    ``cache_len`` grows by ``k_i``), exactly as ``forward_cached`` would leave it.
+    ``cache_len`` grows by ``k_i``), exactly as ``forward_cached`` would leave it. When no row
+    wants logits (prefill chunks only), the model may compute the last position's only: what comes
+    back for those rows is then ``[1, V]`` or ``[k_i, V]``, and unused.
     """
+    skip = not any(r.logits for r in rows)
     if len(rows) == 1:  # unpadded: the unbatched path, bit for bit
         row = rows[0]
-        logits = forward_cached(model, row.tokens, row.cache)[:, :vocab_size]  # [k, V]
+        logits = forward_cached(model, row.tokens, row.cache, last_only=skip)[:, :vocab_size]  # [k, V]
         row.cache_len += len(row.tokens)
         return [logits.float().cpu()]
     dev = model.device
@@ -91,8 +95,9 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
         position_ids=pos.to(dev),
         use_cache=True,
         **forward_kwargs(type(model), past),
+        **(last_logits_only(type(model)) if skip else {}),
     )
-    logits = out.logits[:, :, :vocab_size].float().cpu()  # [B, K, V]
+    logits = out.logits[:, :, :vocab_size].float().cpu()  # [B, K, V] ([B, 1, V] when skipped)
     grown = layer_kv(past)
     result = []
     for i, r in enumerate(rows):
@@ -108,5 +113,5 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
             ]
         )
         r.cache_len += n
-        result.append(logits[i, :n])
+        result.append(logits[i, :n])  # [n, V] (when skipped: the padded last position, unused)
     return result

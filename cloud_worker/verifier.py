@@ -205,6 +205,7 @@ class Verifier:
             sess.cache,
             sess.cache_len,
             sess.tokens[sess.cache_len : len(sess.tokens) - 1][: self.prefill_chunk],
+            logits=False,  # the first draft's verify feeds the context's last token and reads its logits
         )
 
     def _finish_prefill(self, step: Step, _logits: torch.Tensor, _ms: float) -> list[Reply]:

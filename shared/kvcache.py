@@ -24,10 +24,26 @@ def forward_kwargs(model_cls: type, kv: DynamicCache) -> dict:
     return {_cache_kwarg(model_cls): kv}
 
 
-def forward_cached(model, tokens: list[int], kv: DynamicCache) -> torch.Tensor:
-    """Feed ``tokens`` after what ``kv`` holds (the cache grows in place); return logits [k, V]."""
+@cache
+def _keep_kwarg(model_cls: type) -> str | None:
+    params = inspect.signature(model_cls.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
+
+def last_logits_only(model_cls: type) -> dict:
+    """Keyword arguments that make ``model_cls.forward`` compute the logits of the last position
+    only (a prefill needs none: this skips the vocabulary projection of every other position);
+    empty when this release or model has no such argument."""
+    name = _keep_kwarg(model_cls)
+    return {name: 1} if name else {}
+
+
+def forward_cached(model, tokens: list[int], kv: DynamicCache, *, last_only: bool = False) -> torch.Tensor:
+    """Feed ``tokens`` after what ``kv`` holds (the cache grows in place); return logits [k, V]
+    (``last_only``: at least the last position's, where the model can skip the others)."""
     ids = torch.tensor([tokens], dtype=torch.long, device=model.device)  # [1, k]
-    out = model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): kv})
+    extra = last_logits_only(type(model)) if last_only else {}
+    out = model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): kv}, **extra)
     return out.logits[0]  # [k, V]
 
 

@@ -56,6 +56,27 @@ def test_padded_forward_equals_single_forwards(target) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_prefill_rows_skip_the_vocabulary_projection_and_leave_the_same_cache(target, rows) -> None:
+    """Prefill chunks want no logits: the forward computes the last position's only, and the
+    caches continue exactly as after a full forward."""
+    rng = random.Random(rows)
+    v = target.vocab_size
+    specs = [([rng.randrange(v) for _ in range(rng.randint(0, 9))], [rng.randrange(v) for _ in range(rng.randint(2, 12))]) for _ in range(rows)]  # fmt: skip
+    full = [Row(_cache(target.model, past), len(past), new) for past, new in specs]
+    skip = [Row(_cache(target.model, past), len(past), new, logits=False) for past, new in specs]
+    forward_rows(target.model, full, v)
+    out = forward_rows(target.model, skip, v)
+    assert all(lg.shape[0] == 1 for lg in out)  # only the last position came out of the model
+    for a, b in zip(full, skip, strict=True):
+        assert a.cache_len == b.cache_len == b.cache.get_seq_length()
+        nxt = [rng.randrange(v), rng.randrange(v)]
+        with torch.inference_mode():
+            want = forward_cached(target.model, nxt, a.cache)
+            got = forward_cached(target.model, nxt, b.cache)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "params", [SamplingParams(), SamplingParams(temperature=0.8, seed=9)], ids=["greedy", "seeded"]
 )
