@@ -12,6 +12,14 @@ rollback live here:
   context is created without ``logits_all``, so no per-position logits buffer grows.
 - Every llama.cpp call is a ``ctypes.CDLL`` call, which releases the GIL: while the draft runs
   ahead (pipelining), the thread waiting for the verdict keeps running.
+- Resident memory (docs/BENCHMARKS.md §5.3). llama.cpp maps the GGUF and prefetches it: right
+  after loading, every page of the file is resident, also those no forward reads (the source of
+  the tensors repacked into llama.cpp's own buffer, the embedding rows of tokens not fed yet). On
+  Linux the loader drops the file's pages from this process (``madvise(MADV_DONTNEED)`` of the
+  read-only mapping; they stay in the page cache) and runs one warm-up forward, which maps back
+  what a forward reads; an embedding row comes back when its token is first fed. The target's
+  tokenizer is kept without the Python copies of its vocabulary and merges, and the heap its
+  loading freed goes back to the system (``malloc_trim``). Weights, logits and drafts are the same.
 
 One llama.cpp context holds one sequence. Drafters of concurrent generations share it under the
 model lock; the one that used it last owns the cached positions, and another one re-feeds its
@@ -24,9 +32,13 @@ llama.cpp, so draft ids and target ids agree.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -111,14 +123,87 @@ class LlamaCppDraft:
         self.llama.close()
 
 
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux: drop the pages; a file mapping reads them back on access
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def release_file_pages(path: str | os.PathLike[str]) -> int:
+    """Drop this process's resident pages of every mapping of the file ``path``; the bytes advised.
+
+    Only read-only mappings are touched, for which this is safe: the next access maps the page
+    back from the page cache (or the file), with the same contents. Linux only (0 elsewhere, and
+    when nothing maps it)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    libc = _libc()
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    with open("/proc/self/maps") as maps:
+        lines = maps.readlines()
+    for line in lines:
+        fields = line.split(maxsplit=5)  # range perms offset dev inode [path]
+        if len(fields) < 6 or "w" in fields[1]:  # a writable mapping could hold changed pages
+            continue
+        same_inode = fields[3] == dev and fields[4] == str(st.st_ino)
+        if not same_inode and fields[5].rstrip("\n") != real:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(start, end - start, MADV_DONTNEED) != 0:
+            log.debug("madvise of %s failed: %s", path, os.strerror(ctypes.get_errno()))
+            continue
+        released += end - start
+    return released
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand the free heap pages back to the system (glibc's ``malloc_trim``;
+    nothing where the C library lacks it)."""
+    gc.collect()
+    with contextlib.suppress(AttributeError, OSError):
+        _libc().malloc_trim(0)
+
+
+def release_unread_weights(llama: Any, path: str) -> None:
+    """Drop the GGUF's pages llama.cpp prefetched, then map back what a forward reads: one
+    warm-up forward, forgotten at once (``n_tokens`` 0: the next feed removes its position)."""
+    if not release_file_pages(path):
+        return
+    token = int(llama.token_bos())
+    llama.eval([token if 0 <= token < llama.n_vocab() else 0])
+    llama.n_tokens = 0
+
+
 def load_tokenizer(spec: str) -> Any:
     """A transformers tokenizer from a folder, a hub id in the local cache, or a GGUF's metadata."""
     from transformers import AutoTokenizer
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec, local_files_only=True)
+    drop_python_vocab(tok)
+    return tok
+
+
+def drop_python_vocab(tokenizer: Any) -> None:
+    """Forget the Python copies of the vocabulary and merges that a transformers tokenizer keeps
+    once its ``tokenizers`` backend is built from them (``_vocab``, ``_merges``: ~65 MB for a
+    151,936-token BPE). Only the constructor reads them: encoding, decoding and ``get_vocab`` go
+    through the backend (tests/test_llamacpp_drafter.py checks them against a fresh tokenizer)."""
+    from tokenizers import Tokenizer
+
+    if not isinstance(getattr(tokenizer, "_tokenizer", None), Tokenizer):
+        return  # a pure-Python tokenizer: its vocabulary is what it encodes with
+    for name in ("_vocab", "_merges"):
+        if name in vars(tokenizer):
+            delattr(tokenizer, name)
 
 
 def _config_eos(spec: str | None) -> set[int]:
@@ -200,6 +285,14 @@ def load_llamacpp_draft(
             f"llama.cpp could not load it ({exc}): is it a complete GGUF of an architecture this "
             "llama.cpp supports? Re-download it, upgrade llama-cpp-python, or use --draft-backend torch",
         ) from exc
+    try:
+        release_unread_weights(llama, str(path))
+    except (ValueError, RuntimeError, OSError) as exc:
+        llama.close()
+        raise ModelLoadError(
+            spec, tried, f"llama.cpp loaded it but its first forward failed ({exc}): re-download it, "
+            "upgrade llama-cpp-python, or use --draft-backend torch",
+        ) from exc  # fmt: skip
     tok, tok_source = None, spec
     for source in [s for s in (tokenizer,) if s] + [spec]:
         try:
@@ -222,6 +315,7 @@ def load_llamacpp_draft(
         raise
     eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
     eos |= _config_eos(tok_source) | {int(llama.token_eos())} - {-1}
+    trim_heap()  # the tokenizer's parse and the vocabulary check freed ~40 MB the heap keeps
     return LlamaCppDraft(
         llama=llama, tokenizer=tok, name=path.stem, source=str(path), threads=threads, n_ctx=n_ctx,
         eos_ids=frozenset(eos), tokenizer_source=tok_source,

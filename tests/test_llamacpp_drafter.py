@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import mmap
+import os
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,10 +28,16 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 from bench.inprocess import InProcessPair  # noqa: E402
 from edge_agent.agent import EdgeAgent  # noqa: E402
 from edge_agent.drafter import Drafter, load_draft, make_drafter, resolve_backend  # noqa: E402
-from edge_agent.drafter_llamacpp import LlamaCppDraft, LlamaCppDrafter, load_llamacpp_draft  # noqa: E402
+from edge_agent.drafter_llamacpp import (  # noqa: E402
+    LlamaCppDraft,
+    LlamaCppDrafter,
+    load_llamacpp_draft,
+    load_tokenizer,
+    release_file_pages,
+)
 from edge_agent.speculative import GenerateOptions  # noqa: E402
 from shared.errors import ModelLoadError, TokenizerMismatchError  # noqa: E402
-from shared.models import load_model  # noqa: E402
+from shared.models import load_model, tokenizer_fingerprint  # noqa: E402
 from shared.sampling import SamplingParams, logits_to_probs  # noqa: E402
 from tests.test_speculative import chi2_pvalue  # noqa: E402
 from tests.tiny import make_tiny_model_dir  # noqa: E402
@@ -119,6 +129,85 @@ def test_rollback_matches_a_fresh_evaluation(pair: InProcessPair) -> None:
     fresh = drafter._logits(drafter.committed)
     torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_the_loaders_warm_up_forward_leaves_no_trace(models) -> None:
+    """The loader drops the GGUF's prefetched pages and runs one warm-up forward (to map back what
+    a forward reads): the first drafts' logits equal those of a context that never did either."""
+    _, gguf, target_dir = models
+    drafter = make_drafter(load_llamacpp_draft(gguf, threads=1, tokenizer=str(target_dir)))
+    plain = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_batch=512, n_threads=1, n_threads_batch=1,
+                            logits_all=False, verbose=False)  # fmt: skip
+    for prompt in PROMPTS:
+        drafter.reset(prompt, GREEDY)
+        plain.n_tokens = 0
+        plain.eval(prompt)
+        want = torch.from_numpy(
+            np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(plain.ctx, -1), shape=(drafter.vocab_size,)
+            ).copy()
+        )
+        torch.testing.assert_close(drafter._logits(prompt), want, atol=1e-5, rtol=1e-5)
+    plain.close()
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    real, total, current = os.path.realpath(path), 0, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and ":" in fields[3]:  # a mapping's header line
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == real:
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_release_file_pages_drops_read_only_mappings_and_keeps_their_contents(tmp_path) -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB, 64 pages
+    ro, rw = tmp_path / "ro.bin", tmp_path / "rw.bin"
+    ro.write_bytes(data)
+    rw.write_bytes(data)
+    with open(ro, "rb") as f_ro, open(rw, "r+b") as f_rw:
+        m_ro = mmap.mmap(f_ro.fileno(), 0, access=mmap.ACCESS_READ)  # shared, read-only (as llama.cpp's)
+        m_rw = mmap.mmap(f_rw.fileno(), 0, access=mmap.ACCESS_COPY)  # private, writable
+        assert m_ro[:] == data and m_rw[:] == data  # every page read: resident
+        m_rw[0] = 255  # a changed page, which only this mapping holds
+        assert _resident_kib(ro) == len(data) // 1024
+        assert release_file_pages(ro) >= len(data)
+        assert _resident_kib(ro) == 0
+        assert m_ro[:] == data  # mapped back on access, unchanged
+        assert release_file_pages(rw) == 0  # a writable mapping is left alone
+        assert m_rw[0] == 255 and _resident_kib(rw) == len(data) // 1024
+        m_ro.close()
+        m_rw.close()
+    assert release_file_pages(ro) == 0  # nothing maps it any more
+
+
+def test_the_tokenizer_without_its_python_vocabulary_encodes_as_before(models) -> None:
+    """load_tokenizer drops the Python vocabulary and merges transformers keeps (~65 MB for the
+    demo's 151,936 tokens); the tokenizer must still encode, decode and list its vocabulary as a
+    freshly loaded one does."""
+    from transformers import AutoTokenizer
+
+    target_dir = str(models[2])
+    fresh = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
+    slim = load_tokenizer(target_dir)
+    assert {"_vocab", "_merges"} <= set(vars(fresh))  # what there is to drop
+    assert not {"_vocab", "_merges"} & set(vars(slim))  # dropped
+    assert slim.get_vocab() == fresh.get_vocab()
+    assert tokenizer_fingerprint(slim) == tokenizer_fingerprint(fresh)
+    assert (slim.eos_token_id, slim.all_special_ids) == (fresh.eos_token_id, fresh.all_special_ids)
+    for text in ("The capital of France", "def f(x):\n    return x[::-1]  # ünïcode ✓", ""):
+        ids = fresh(text)["input_ids"]
+        assert slim(text)["input_ids"] == ids
+        assert slim.decode(ids) == fresh.decode(ids)
+    for tok in (slim, fresh):  # the backend grows without the Python copies
+        tok.add_tokens(["<extra>"])
+    assert slim("a <extra> b")["input_ids"] == fresh("a <extra> b")["input_ids"]
+    assert len(fresh) - 1 in slim("a <extra> b")["input_ids"]
 
 
 def test_drafters_sharing_one_model_keep_their_own_sequences(pair: InProcessPair) -> None:
