@@ -11,17 +11,17 @@ real positions). The device with the least virtual time that has work leads the 
 ties go round-robin. A device that had no work, or is new, comes back at most ``credit`` seconds
 (a few forwards) behind the devices with work, or behind the worker's virtual time when none has
 work: going idle between rounds costs a device nothing, a device idle for long cannot bank time,
-and one that had the worker to itself is not made to pay for it when another arrives. A flood of long drafts is charged what its
-forwards cost and waits while the others catch up.
+and one that had the worker to itself is not made to pay for it when another arrives. A flood
+of long drafts is charged what its forwards cost and waits while the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
 round again, until the forward is full. A padded forward costs rows × its widest row, so no row
 rides in a forward more than twice its own length (a 3-token draft is never padded to a 64-token
 one or to a prefill, and drafts of mixed small γ still go together); an open's prefill beside
-others is cut to the current width. While several
-devices have (or just had) work, the leader's rows beyond its first stay within its share of
-``max_tokens`` (a leading prefill is cut to that share), and a rider's beyond its first within
-what the leader holds: a device ahead in model time cannot lengthen the forward of one behind.
+others is cut to the current width. While several devices have (or just had) work, the leader's
+rows beyond its first stay within its share of ``max_tokens`` (a leading prefill is cut to that
+share), and a rider's beyond its first within what the leader holds: a device ahead in model
+time cannot lengthen the forward of one behind.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
 row: what a padded forward costs). The leader's row is always taken; an open's prefill is cut to
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_worker.sessions import Step
+from cloud_worker.sessions import Step, key_device
 
 MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
@@ -82,7 +82,7 @@ class Scheduler:
         self.vtime: dict[str, float] = {}  # device -> seconds of forwards charged to it
         self._seen: dict[str, float] = {}  # device -> when it last had work (clock)
         self._forward_s = 0.0  # a running mean of a forward's wall time
-        self._rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
+        self.last_rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
         self._vnow = 0.0  # the worker's virtual time: the furthest a served device has got
 
     def __len__(self) -> int:
@@ -149,9 +149,7 @@ class Scheduler:
             return set()
         ahead = min(busy)
         return {
-            key
-            for key in keys
-            if key not in self.queues and self.vtime.get(key.rpartition("/")[0], 0.0) < ahead
+            key for key in keys if key not in self.queues and self.vtime.get(key_device(key), 0.0) < ahead
         }
 
     @property
@@ -161,7 +159,7 @@ class Scheduler:
 
     def charge(self, seconds: float) -> None:
         """Charge the last selected forward's wall time to its devices, by real positions."""
-        rows, self._rows = self._rows, []
+        rows, self.last_rows = self.last_rows, []
         total = sum(k for _, k in rows)
         if not total or seconds < 0:
             return
@@ -216,7 +214,7 @@ class Scheduler:
                 batch.append((job, step))
                 served.append(key)
                 progress = True
-        self._rows = [(job.device, len(step.row.tokens)) for job, step in batch]
+        self.last_rows = [(job.device, len(step.row.tokens)) for job, step in batch]
         firsts = [key.rpartition("/")[0] for key in served]
         for key, device in zip(served, firsts, strict=True):  # served ones go to the back
             if device in self.devices:

@@ -240,11 +240,7 @@ class Worker(Intake):
             self.metrics.queue_wait(now - job.received_at)
             # what the answer reports: the turns it waited included
             step.queue_ms = (now - job.received_at) * 1e3
-        rows = (
-            " ".join(f"{j.device}:{len(s.row.tokens)}" for j, s in batch)
-            if log.isEnabledFor(logging.DEBUG)
-            else ""
-        )
+        rows = self.scheduler.last_rows  # charge() below clears them
         started = time.perf_counter()
         try:
             results = self.verifier.run([step for _, step in batch])
@@ -264,7 +260,10 @@ class Worker(Intake):
             return
         elapsed = time.perf_counter() - started
         self.scheduler.charge(elapsed)
-        log.debug("forward %.0f ms, device:positions %s", elapsed * 1e3, rows)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "forward %.0f ms, device:positions %s", elapsed * 1e3, " ".join(f"{d}:{k}" for d, k in rows)
+            )
         jobs = dict((id(step), job) for job, step in batch)
         self._answered_keys = {job.key for job, step in batch if not step.more}
         self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0)
