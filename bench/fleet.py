@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.fleet_gamma import GammaReplayer, gamma_figures, gamma_mode, record_chain, save_chains
 from bench.fleet_record import CLOUD, SPECULATIVE, Recording, record_one, save_recordings
 from bench.fleet_replay import Replayer, only, plan_slots
 from bench.fleet_stats import (
@@ -130,13 +131,14 @@ def record_all(
     return recs
 
 
-def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, seconds: float,
-             worker_pid: int, metrics_url: str) -> dict:  # fmt: skip
-    """One (N, mode) cell: N slots replaying for ``seconds``; returns its figures."""
+def run_cell(replayer: Replayer, recs: list, *, n: int, mode: str, seconds: float,
+             worker_pid: int, metrics_url: str, device_prefix: str | None = None) -> dict:  # fmt: skip
+    """One (N, mode) cell: N slots replaying ``recs`` for ``seconds``; returns its figures.
+    ``recs``: recordings of that mode (``Recording`` or, for the γ sweep, ``ChainRecording``)."""
     before = scrape(metrics_url)
     cpu_w0, cpu_r0 = proc_cpu_s(worker_pid), time.process_time()
-    t0, t1 = replayer.run(plan_slots(n, only(recs, FLEET_MODES[mode]), device_prefix=f"fleet{mode[:1]}"),
-                          duration_s=seconds, min_rounds=MIN_ROUNDS)  # fmt: skip
+    plan = plan_slots(n, recs, device_prefix=device_prefix or f"fleet{mode[:1]}")
+    t0, t1 = replayer.run(plan, duration_s=seconds, min_rounds=MIN_ROUNDS)
     cpu_w, cpu_r = proc_cpu_s(worker_pid) - cpu_w0, time.process_time() - cpu_r0
     cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode)
     add_forward_figures(cell, forward_counts(before, scrape(metrics_url)))
@@ -153,7 +155,46 @@ def run_cell(replayer: Replayer, recs: list[Recording], *, n: int, mode: str, se
         stray_answers=replayer.stray,
         opens_refused=replayer.opens_refused,  # `overloaded` (the worker's per-device open rate), retried
     )
+    if isinstance(replayer, GammaReplayer):
+        cell.update(gamma_figures(replayer, t0, t1))
     return cell
+
+
+def record_chains(link, args, draft_spec: str, target_spec: str) -> tuple[list, list]:
+    """The γ sweep's chain recordings (``bench.fleet_gamma``), drafted with the draft backend the
+    edge would use (``--draft-backend``, first value), and the prompts."""
+    from bench.cli import load_prompts
+    from edge_agent.drafter import load_draft, make_drafter
+    from edge_agent.gamma import GammaPriors
+    from edge_agent.speculative import GenerateOptions
+    from shared.sampling import SamplingParams
+
+    draft = load_draft(draft_spec, backend=args.draft_backend[0], threads=1, target=target_spec)
+    prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
+    drafter = make_drafter(draft)
+    chains = []
+    for p in prompts:
+        opts = GenerateOptions(mode="speculative", gamma=2, max_new_tokens=args.max_new_tokens,
+                               params=SamplingParams(temperature=0.0, seed=args.seed + p.index),
+                               draft_model=draft_spec, target_model=target_spec)  # fmt: skip
+        chains.append(record_chain(drafter, link, p.index, list(p.ids), opts, eos_ids=draft.eos_token_ids,
+                                   gamma_max=GammaPriors().gamma_max))  # fmt: skip
+    return chains, prompts
+
+
+def run_gamma_cell(
+    cfg, chains: list, gamma, *, n: int, args, worker_pid: int, metrics_url: str, tag: str
+) -> dict:
+    """One (N, γ) cell of the adaptive-γ sweep: N sessions replaying the chains, each choosing
+    γ with its own controller (``gamma`` "auto") or pinned to ``gamma``."""
+    replayer = GammaReplayer(cfg, gamma=gamma, round_timeout_s=max(args.round_timeout_s, 600.0),
+                             tag=f"{tag}g{gamma}")  # fmt: skip
+    replayer.connect()
+    try:
+        return run_cell(replayer, chains, n=n, mode=gamma_mode(gamma), seconds=args.fleet_seconds,
+                        worker_pid=worker_pid, metrics_url=metrics_url, device_prefix=f"fleetg{gamma}")  # fmt: skip
+    finally:
+        replayer.close()
 
 
 def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: str = "") -> Path:
@@ -166,7 +207,13 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     from shared.models import load_model
 
     edge_cores, worker_cores, pin_text = pinning
-    modes = args.fleet_modes
+    gammas = args.fleet_gamma or []
+    modes = args.fleet_modes if args.fleet_modes is not None else ([] if gammas else list(FLEET_MODES))
+    if gammas and args.temperature[0] > 0:
+        raise FleetUsageError("--fleet-gamma replays T = 0 sessions (at T > 0 the tokens depend on γ): "
+                              "add --temperature 0")  # fmt: skip
+    if gammas and args.fleet_duration is not None:
+        raise FleetUsageError("--fleet-gamma runs the sweep; drop --fleet-duration")
     bad = [m for m in modes if m not in FLEET_MODES]
     if bad:
         raise FleetUsageError(
@@ -187,6 +234,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     cells: list[dict] = []
     long: dict = {}
     recs: list[Recording] = []
+    chains: list = []
     old_affinity = os.sched_getaffinity(0)
     with Procs(out / "logs") as procs:
         try:
@@ -200,13 +248,18 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                 wait_worker_online(link, wid, proc, procs, args.worker_timeout_s)
                 rss = RssSampler(proc.pid, period_s=1.0 if long_run else 2.0).start()
                 if ci == 0:  # record once, against the first configuration, one session at a time
-                    draft = load_model(draft_spec)
-                    prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
-                    recs = record_all(link, draft, prompts, args, draft_spec, target_spec,
-                                      ["speculative" if m == "speculative" else "cloud-only" for m in modes])  # fmt: skip
-                    save_recordings(out / "recordings.json", recs)
+                    if modes:
+                        draft = load_model(draft_spec)
+                        prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
+                        recs = record_all(link, draft, prompts, args, draft_spec, target_spec,
+                                          ["speculative" if m == "speculative" else "cloud-only" for m in modes])  # fmt: skip
+                        save_recordings(out / "recordings.json", recs)
+                        del draft  # the replay needs no model
+                    if gammas:
+                        chains, prompts = record_chains(link, args, draft_spec, target_spec)
+                        save_chains(out / "chains.json", chains)
+                        meta["chain_draft_ms_per_token"] = [round(c.draft_ms, 1) for c in chains]
                     meta["prompts"] = [f"{p.index}: [{p.category}] {p.text}" for p in prompts]
-                    del draft  # the replay needs no model
                 link.shutdown()
                 replayer = Replayer(
                     cfg, round_timeout_s=max(args.round_timeout_s, 600.0), tag=f"c{ci}", pace=args.fleet_pace
@@ -214,14 +267,19 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                 replayer.connect()
                 try:
                     if long_run:
-                        long = {"worker": name, **run_cell(replayer, recs, n=max(ns), mode=modes[0],
-                                seconds=args.fleet_duration, worker_pid=proc.pid, metrics_url=murl)}  # fmt: skip
+                        long = {"worker": name, **run_cell(replayer, only(recs, FLEET_MODES[modes[0]]),
+                                n=max(ns), mode=modes[0], seconds=args.fleet_duration, worker_pid=proc.pid,
+                                metrics_url=murl)}  # fmt: skip
                     else:
                         for n in ns:
                             for mode in modes:
-                                cell = run_cell(replayer, recs, n=n, mode=mode, seconds=args.fleet_seconds,
-                                                worker_pid=proc.pid, metrics_url=murl)  # fmt: skip
+                                cell = run_cell(replayer, only(recs, FLEET_MODES[mode]), n=n, mode=mode,
+                                                seconds=args.fleet_seconds, worker_pid=proc.pid, metrics_url=murl)  # fmt: skip
                                 cells.append({"worker": name, **cell})
+                                _progress(args, cells[-1])
+                            for g in gammas:  # the adaptive-γ sweep under load (issue 13)
+                                cells.append({"worker": name, **run_gamma_cell(cfg, chains, g, n=n, args=args,
+                                              worker_pid=proc.pid, metrics_url=murl, tag=f"c{ci}")})  # fmt: skip
                                 _progress(args, cells[-1])
                 finally:
                     replayer.close()
@@ -235,7 +293,8 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"meta": meta, "cells": cells, "long_run": long,
               "recordings": [{"prompt": r.prompt, "mode": r.mode, "rounds": r.rounds, "tokens": len(r.tokens)}
-                             for r in recs]}  # fmt: skip
+                             for r in recs],
+              "fleet_gamma": [str(g) for g in gammas]}  # fmt: skip
     write_fleet_report(report, out)
     return out
 
@@ -276,8 +335,16 @@ def add_fleet_arguments(ap) -> None:
     g.add_argument(
         "--fleet-modes",
         type=_list(str),
-        default=["speculative", "cloud-only"],
-        help="comma list of speculative, cloud-only",
+        default=None,
+        help="comma list of speculative, cloud-only (default: both, or none with --fleet-gamma)",
+    )
+    g.add_argument(
+        "--fleet-gamma",
+        type=_list(_gamma_value),
+        default=None,
+        metavar="G,G,...",
+        help="adaptive γ under load (T = 0): per N, sessions that choose γ each round (auto) or keep "
+        "a fixed γ, replayed from the draft's greedy chains with emulated drafting time, e.g. 1,2,3,4,auto",
     )
     g.add_argument(
         "--fleet-worker",
@@ -316,6 +383,12 @@ def add_fleet_arguments(ap) -> None:
         help="flood sessions sending max-length all-accepted drafts back to back",
     )
     g.add_argument("--noisy-decodes", type=int, default=2, help="flood sessions asking for giant decodes")  # fmt: skip
+
+
+def _gamma_value(text: str) -> int | str:
+    from edge_agent.gamma import parse_gamma
+
+    return parse_gamma(text.strip())
 
 
 def main_fleet(args, draft_spec: str, target_spec: str, pinning, argv_text: str) -> int:

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.fleet_record import SPECULATIVE, Recording, with_sid
 from shared import topics
@@ -85,6 +86,7 @@ class _Slot:
     answers: int = 0  # draft / decode requests answered in this run
     done: bool = False
     started: int = 0
+    state: Any = None  # what a subclass keeps per slot (bench.fleet_gamma: the γ controller)
 
 
 class Replayer:
@@ -305,6 +307,13 @@ class Replayer:
                 return
             self.rounds.append(RoundRecord(slot.index, slot.device, "open", slot.t_send, t, 0, True))
             return self._advance(slot)
+        self._answer(slot, reply, t)
+
+    def _answer(self, slot: _Slot, reply, t: float) -> None:
+        """(Under the lock.) A verdict or decode part for the request in flight: check it against
+        the recording, then go on."""
+        rec, gen = slot.rec, slot.gen
+        assert rec is not None and gen is not None
         step = rec.steps[slot.step]
         if isinstance(reply, Verdict) and reply.seq == step.msg.seq:
             got = (reply.n_acc, reply.next, int(reply.eos))

@@ -78,6 +78,34 @@ def targets(cells: list[dict]) -> list[str]:
     return lines
 
 
+def gamma_section(cells: list[dict]) -> list[str]:
+    """The adaptive-γ sweep under load (``--fleet-gamma``): per worker and N, each γ's server
+    tokens/s, and auto against the best fixed γ (issue 13: target ≥ 1.05× the best single fixed γ)."""
+    sweep = [c for c in cells if c["mode"].startswith("speculative γ=")]
+    if not sweep:
+        return []
+    gammas = list(dict.fromkeys(c["mode"].split("=", 1)[1] for c in sweep))
+    out = ["", "## Adaptive γ under load", "",
+           "Sessions replayed from the draft's greedy chains, each choosing γ every round with the edge's "
+           "controller (auto) or pinned to a fixed γ; drafting time emulated at the measured cost per token.", "",
+           "| worker | N | " + " | ".join(f"γ = {g} tok/s" for g in gammas) + " | best fixed | auto ÷ best | "
+           "auto mean γ | auto predicted ÷ actual tokens, round ms |",
+           "|---|---|" + "---|" * len(gammas) + "---|---|---|---|"]  # fmt: skip
+    by = {(c["worker"], c["n"], c["mode"].split("=", 1)[1]): c for c in sweep}
+    for w, n in sorted({(c["worker"], c["n"]) for c in sweep}):
+        row = [by.get((w, n, g)) for g in gammas]
+        rates = {g: c["server_tokens_per_s"] for g, c in zip(gammas, row, strict=True) if c}
+        fixed = {g: r for g, r in rates.items() if g != "auto"}
+        best = max(fixed, key=fixed.__getitem__) if fixed else None
+        auto = by.get((w, n, "auto"))
+        ratio = _ratio(rates.get("auto"), fixed.get(best)) if best else "–"
+        extra = (f"{auto.get('gamma_mean')} | {auto.get('pred_tokens_ratio')}, {auto.get('pred_round_ratio')}"
+                 if auto else "– | –")  # fmt: skip
+        cols = " | ".join(f"{c['server_tokens_per_s']:.2f}" if c else "–" for c in row)
+        out.append(f"| {w} | {n} | {cols} | {best or '–'} | {ratio} | {extra} |")
+    return out
+
+
 def fleet_markdown(report: dict, plot: Path | None) -> str:
     meta, cells, long = report["meta"], report["cells"], report.get("long_run") or {}
     out = ["# Fleet benchmark", "", f"`{meta['command']}`", "",
@@ -115,6 +143,7 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
         for c in bad:
             out.append(f"- {c['worker']} {c['mode']} N={c['n']}: first mismatch {c['first_mismatch']!r}, "
                        f"first error {c['first_error']!r}")  # fmt: skip
+    out += gamma_section(cells)
     if plot is not None:
         out += ["", f"![server throughput against N]({plot.name})"]
     if long:

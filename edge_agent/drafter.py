@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from edge_agent.gamma import stop_point
 from shared.kvcache import crop, forward_cached
 from shared.models import LoadedModel
 from shared.sampling import (
@@ -126,8 +127,7 @@ class Drafter:
         prefetched = min(len(self.pending), gamma)
 
         def cut() -> int | None:
-            n = min(gamma, len(self.pending), len(stop_below))
-            return next((i for i in range(1, n) if self.pending_conf[i] < stop_below[i]), None)
+            return stop_point(self.pending_conf, stop_below, gamma)
 
         while len(self.pending) < gamma and cut() is None:
             self._draft_one()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 GAMMA_AUTO = "auto"
@@ -104,6 +105,15 @@ class GammaDecision:
     def rate(self) -> float:
         """Predicted committed tokens per second."""
         return self.tokens / self.round_ms * 1e3 if self.round_ms > 0 else 0.0
+
+
+def stop_point(confidence: Sequence[float], stop_below: Sequence[float], gamma: int) -> int | None:
+    """Where an early stop ends a block of ``gamma`` drafts: the first i ≥ 1 whose draft's
+    confidence is below ``stop_below[i]`` (None: the block is not cut). ``confidence`` may hold
+    fewer than ``gamma`` entries (the drafts made so far); only those are looked at. Exact: it
+    reads the draft's q at a position, never the token drawn from it."""
+    n = min(gamma, len(confidence), len(stop_below))
+    return next((i for i in range(1, n) if confidence[i] < stop_below[i]), None)
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
