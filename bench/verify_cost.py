@@ -7,7 +7,8 @@ reports both, their ratio and the batched forward in units of one single-token s
 ``--ragged`` spreads the cache lengths over [L/2, L] to show what padding the caches costs.
 
     python -m bench.verify_cost --model /path/to/target [--cache-len 96] [--batches 1,2,4,8,16]
-        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--json out.json]
+        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--cpu-linear onednn|torch]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from cloud_worker.batching import Row, forward_rows
+from shared.cpu_linear import use_onednn_linears
 from shared.kvcache import crop, forward_cached
 from shared.models import load_model
 
@@ -78,14 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ragged", action="store_true", help="cache lengths spread over [L/2, L]")
+    ap.add_argument("--cpu-linear", choices=("onednn", "torch"), default="onednn",
+                    help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.cpu_linear == "onednn":
+        use_onednn_linears(loaded.model)
     rng = random.Random(args.seed)
     vocab = loaded.vocab_size
     step = measure(loaded.model, vocab, 1, 1, [args.cache_len], args.repeat, rng)["unbatched_ms"]
+    print(f"cpu_linear {args.cpu_linear}")
     print(f"model {args.model}: one step (B=1, k=1, cache {args.cache_len}) = {step:.1f} ms")
     print(f"{'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} {'x one step':>11}")
     rows = []
@@ -106,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"model": args.model, "cache_len": args.cache_len, "step_ms": step, "rows": rows}, f, indent=1
+                {
+                    "model": args.model,
+                    "cache_len": args.cache_len,
+                    "cpu_linear": args.cpu_linear,
+                    "step_ms": step,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
             )
     return 0
 

@@ -151,6 +151,7 @@ class WorkerConfig:
     max_cached_tokens: int = 1 << 20
     max_sessions_per_device: int = 0
     max_opens_per_s_per_device: float = 20.0
+    cpu_linear: str = "onednn"
     log_level: str
     log_json: bool
     cache: str | None
@@ -419,7 +420,8 @@ _WORKER_BATCH_KEYS = (
     "max_cached_tokens",
     "max_sessions_per_device",
     "max_opens_per_s_per_device",
-)  # the worker's scheduling and quota keys, passed through as they are
+    "cpu_linear",
+)  # the worker's scheduling, quota and kernel keys, passed through as they are
 
 
 def load_worker_config(

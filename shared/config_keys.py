@@ -304,6 +304,13 @@ KEYS: dict[str, _Key] = {
         _Key("model_device", _BOTH, _MODEL_DEVICE, "auto", "torch device of the model"),
         _Key("dtype", _BOTH, _choice(*_DTYPES), "auto", "model dtype"),
         _Key(
+            "cpu_linear",
+            _W,
+            _choice("onednn", "torch"),
+            "onednn",
+            "kernels of the target's fp32 linear layers on a CPU: oneDNN, or torch's own (MKL)",
+        ),
+        _Key(
             "draft_backend",
             _E,
             _choice("auto", "torch", "llama.cpp"),

@@ -1,0 +1,77 @@
+"""The target's linear layers through oneDNN on the CPU.
+
+Verification runs the target over a few positions at a time: γ + 1 for one session, a few
+sessions × that in a batched forward. torch's CPU build computes an fp32 ``nn.Linear`` with MKL,
+whose small-row kernels are slow on some x86 CPUs. Measured on an AMD EPYC (AVX-512), one
+thread, a 1536 → 8960 layer of the demo target (ms; ``bench/verify_cost.py --cpu-linear``
+measures the whole forward):
+
+    rows M                 1     2     3     4     8
+    nn.Linear (MKL)       4.4  11.0  15.6  11.2  12.5
+    oneDNN, packed        4.1   5.4   5.8   5.9   6.7
+
+so a 3-position verify cost three single-token steps there, and padding it to four positions was
+faster than not. oneDNN (shipped inside torch, ``torch.backends.mkldnn``) picks its kernels by
+instruction set; with the weight reordered once into its own layout its cost grows smoothly with M.
+:func:`use_onednn_linears` swaps every fp32 ``nn.Linear`` of a CPU model for
+:class:`OneDnnLinear`, the same ``aten::mkldnn_linear`` call as ``torch.utils.mkldnn.MkldnnLinear``
+(which is a TorchScript module, a deprecated API).
+
+Outputs differ from MKL's in float rounding only (another summation order), as a batched forward's
+already do from an unbatched one. Memory: a layer's dense weight is freed when nothing else holds
+it; a head tied to the input embeddings keeps the embedding's dense copy beside the packed one
+(the demo target: + 0.9 GB).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())
+
+
+class OneDnnLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W held in oneDNN's layout (inference only, fp32, CPU)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            weight = linear.weight.detach().float().contiguous().to_mkldnn()
+            bias = None if linear.bias is None else linear.bias.detach().float().contiguous().to_mkldnn()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        y = torch.ops.aten.mkldnn_linear(flat.contiguous().to_mkldnn(), self.weight, self.bias)
+        return y.to_dense().reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Replace every fp32 CPU ``nn.Linear`` in ``model`` by a :class:`OneDnnLinear`; returns how
+    many. A no-op (0) where oneDNN is not built in, or on other devices and dtypes."""
+    if not onednn_available():
+        return 0
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+        and child.weight.device.type == "cpu"
+        and child.weight.dtype == torch.float32
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, OneDnnLinear(child))
+    return len(swaps)
