@@ -32,9 +32,7 @@ llama.cpp, so draft ids and target ids agree.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import gc
 import json
 import logging
 import os
@@ -51,6 +49,8 @@ import torch
 
 from edge_agent.drafter import Drafter
 from shared.errors import ModelLoadError, TokenizerMismatchError
+from shared.memory import libc as _libc_handle
+from shared.memory import trim_heap
 from shared.models import tokenizer_fingerprint
 from shared.sampling import DEFAULT_SPARSE_K
 
@@ -126,10 +126,6 @@ class LlamaCppDraft:
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux: drop the pages; a file mapping reads them back on access
 
 
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def release_file_pages(path: str | os.PathLike[str]) -> int:
     """Drop this process's resident pages of every mapping of the file ``path``; the bytes advised.
 
@@ -141,7 +137,7 @@ def release_file_pages(path: str | os.PathLike[str]) -> int:
     st = os.stat(path)
     real = os.path.realpath(path)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
-    libc = _libc()
+    libc = _libc_handle()
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     with open("/proc/self/maps") as maps:
@@ -159,14 +155,6 @@ def release_file_pages(path: str | os.PathLike[str]) -> int:
             continue
         released += end - start
     return released
-
-
-def trim_heap() -> None:
-    """Collect garbage and hand the free heap pages back to the system (glibc's ``malloc_trim``;
-    nothing where the C library lacks it)."""
-    gc.collect()
-    with contextlib.suppress(AttributeError, OSError):
-        _libc().malloc_trim(0)
 
 
 def release_unread_weights(llama: Any, path: str) -> None:
