@@ -7,7 +7,7 @@ reports both, their ratio and the batched forward in units of one single-token s
 ``--ragged`` spreads the cache lengths over [L/2, L] to show what padding the caches costs.
 
     python -m bench.verify_cost --model /path/to/target [--cache-len 96] [--batches 1,2,4,8,16]
-        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--cpu-linear onednn|torch]
+        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--cpu-linear onednn,torch]
         [--json out.json]
 """
 
@@ -80,50 +80,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ragged", action="store_true", help="cache lengths spread over [L/2, L]")
-    ap.add_argument("--cpu-linear", choices=("onednn", "torch"), default="onednn",
-                    help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own")  # fmt: skip
+    ap.add_argument("--cpu-linear", type=_kernels, default=["onednn"], metavar="onednn,torch",
+                    help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own; "
+                    "a comma list measures each, alternating, in one run")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.cpu_linear == "onednn":
-        use_onednn_linears(loaded.model)
-    rng = random.Random(args.seed)
+    models = {}
+    for kernel in args.cpu_linear:  # one copy of the model per kernel choice
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        if kernel == "onednn":
+            use_onednn_linears(loaded.model)
+        models[kernel] = loaded.model
     vocab = loaded.vocab_size
-    step = measure(loaded.model, vocab, 1, 1, [args.cache_len], args.repeat, rng)["unbatched_ms"]
-    print(f"cpu_linear {args.cpu_linear}")
-    print(f"model {args.model}: one step (B=1, k=1, cache {args.cache_len}) = {step:.1f} ms")
-    print(f"{'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} {'x one step':>11}")
-    rows = []
+    rng = random.Random(args.seed)
+    steps = {
+        kn: measure(m, vocab, 1, 1, [args.cache_len], args.repeat, rng)["unbatched_ms"]
+        for kn, m in models.items()
+    }
+    print(f"model {args.model}, cache {args.cache_len}: one step (B=1, k=1) = "
+          + ", ".join(f"{steps[kn]:.1f} ms ({kn})" for kn in models))  # fmt: skip
+    print(
+        f"{'kernels':>8} {'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} {'x one step':>11}"
+    )
+    rows: dict[str, list[dict]] = {kn: [] for kn in models}
     for k in args.positions:
         for b in args.batches:
             if args.ragged:
                 lengths = [rng.randint(args.cache_len // 2, args.cache_len) for _ in range(b)]
             else:
                 lengths = [args.cache_len] * b
-            r = measure(loaded.model, vocab, b, k, lengths, args.repeat, rng)
-            r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
-            r["x_step"] = r["batched_ms"] / step
-            rows.append(r)
-            print(
-                f"{b:>3} {k:>2} {r['batched_ms']:>11.1f} {r['unbatched_ms']:>12.1f} {r['speedup']:>9.2f} {r['x_step']:>11.2f}",
-                flush=True,
-            )
+            for kn, model in models.items():
+                r = measure(model, vocab, b, k, lengths, args.repeat, rng)
+                r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
+                r["x_step"] = r["batched_ms"] / steps[kn]
+                rows[kn].append(r)
+                print(f"{kn:>8} {b:>3} {k:>2} {r['batched_ms']:>11.1f} {r['unbatched_ms']:>12.1f} "
+                      f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}", flush=True)  # fmt: skip
     if args.json:
+        out = {"model": args.model, "cache_len": args.cache_len,
+               "kernels": {kn: {"step_ms": steps[kn], "rows": rows[kn]} for kn in models}}  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "model": args.model,
-                    "cache_len": args.cache_len,
-                    "cpu_linear": args.cpu_linear,
-                    "step_ms": step,
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+            json.dump(out, f, indent=1)
     return 0
+
+
+def _kernels(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ("onednn", "torch")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from onednn, torch (comma list), got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ expected committed tokens per second of the coming round,
 
     rate(γ) = E[tokens | γ] / T(γ),
     E[tokens | γ] = (1 − α^(γ+1)) / (1 − α)          (accepted drafts + the correction/bonus),
-    T(γ) = d · max(0, γ − ready) + net + queue + overhang + V(others + γ + 1),
+    T(γ) = d · max(0, γ − ready) + net + queue + overhang + V(P(γ + 1)),
 
 from figures it measures live, each an exponentially forgetting average (weight ``forget`` per
 round, so it follows a changing prompt, network or worker load within a few rounds):
@@ -23,8 +23,14 @@ round, so it follows a changing prompt, network or worker load within a few roun
 - V(P): the verify cost of a forward over P positions, as a table: a CPU's cost is a step
   function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
   optimistically (see :meth:`GammaController.verify_ms`), so it gets tried;
-- others: positions of the other sessions verified in the same forward, when the worker's
-  verdict says (optional ``batch_pos`` field; 0 otherwise).
+- P(own): the positions of the forward this round's ``own`` positions would be verified in. Alone,
+  P = own. In a forward shared by n sessions (the verdict's optional ``batch`` field), the block
+  is priced at its fair share, P = n · own: the forward as it would be if every session in it
+  sent as many positions. A session that read the others' positions as given (P = others + own)
+  would see a long block add little to a long forward, and every session of a busy worker would
+  lengthen its blocks together (measured: mean γ 9 at 8 sessions, 0.71× the best fixed γ,
+  docs/BENCHMARKS.md §6.3), though the positions it adds cost the worker what anyone's do.
+  Without ``batch`` (a worker that does not say): P = others + own, others from ``batch_pos``.
 
 Early stop: the controller also learns how often a draft of a given confidence (the draft's
 top probability) is accepted, and gives the drafter per-position thresholds below which ending
@@ -87,6 +93,7 @@ class Observation:
     verify_ms: float  # target forward + acceptance on the worker
     queue_ms: float  # waiting on the worker
     batch_pos: int | None = None  # positions of the whole batched forward, if the worker says
+    batch: int | None = None  # sessions in that forward, if the worker says
     confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
     overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
 
@@ -166,6 +173,7 @@ class GammaController:
         self._queue = _Ewma()
         self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
+        self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
@@ -196,6 +204,8 @@ class GammaController:
         own = obs.gamma + 1  # the pending token + γ drafts
         positions = obs.batch_pos if obs.batch_pos is not None and obs.batch_pos >= own else own
         self._others.add(positions - own, f)
+        if obs.batch is not None and obs.batch >= 1:
+            self._sessions.add(float(obs.batch), f)
         entry = self._verify.get(positions)
         if entry is None:
             self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
@@ -240,9 +250,15 @@ class GammaController:
     def predict(self, gamma: int, *, ready: int = 0) -> tuple[float, float]:
         """(expected committed tokens, expected round ms) of a round of ``gamma`` drafts."""
         d = self._draft.mean(0.0)
-        others = round(self._others.mean(0.0))
         t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
-        return expected_tokens(self.alpha, gamma), t + self.verify_ms(others + gamma + 1)
+        return expected_tokens(self.alpha, gamma), t + self.verify_ms(self.forward_positions(gamma + 1))
+
+    def forward_positions(self, own: int) -> int:
+        """P(own): the positions a forward holding ``own`` of this session's is priced at (see the
+        module docstring): ``own`` alone, n · own in a forward of n sessions, else others + own."""
+        if self._sessions.weight > 0:
+            return max(own, round(self._sessions.mean(1.0) * own))
+        return round(self._others.mean(0.0)) + own
 
     def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
         """γ for the next round. ``ready``: drafts already made ahead (free now); ``remaining``:
@@ -277,14 +293,12 @@ class GammaController:
         reaches a*. Before the bins have evidence every bin sits at α̂, so nothing stops."""
         alpha, d = self.alpha, self._draft.mean(0.0)
         base = self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
-        others = round(self._others.mean(0.0))
+        fp = self.forward_positions
         cal = [self.accept_prob(edge) for edge in CONF_EDGES]
         out = [0.0]
         for i in range(1, gamma):
-            t_a = (
-                d * max(0, i + 1 - ready) + base + self.verify_ms(others + i + 1)
-            )  # x_i is drafted either way
-            t_b = d * max(0, gamma - ready) + base + self.verify_ms(others + gamma + 1)
+            t_a = d * max(0, i + 1 - ready) + base + self.verify_ms(fp(i + 1))  # x_i is drafted either way
+            t_b = d * max(0, gamma - ready) + base + self.verify_ms(fp(gamma + 1))
             e_a, s = expected_tokens(alpha, i), alpha**i
             g = expected_tokens(alpha, gamma - i - 1)
             need = e_a * (t_b / t_a - 1.0) / (s * g) if t_a > 0 and s * g > 0 else 0.0
@@ -317,6 +331,7 @@ class GammaController:
             copy.copy(self._others),
         )
         nxt._overhang = copy.copy(self._overhang)
+        nxt._sessions = copy.copy(self._sessions)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
         nxt._conf = [list(b) for b in self._conf]
@@ -324,17 +339,20 @@ class GammaController:
 
     def _reason(self, gamma: int, ready: int, cap: int, stops: tuple[float, ...] = ()) -> str:
         others = round(self._others.mean(0.0))
+        fp = self.forward_positions
         parts = [
             f"α̂={self.alpha:.2f}",
             f"draft={self._draft.mean(0.0):.1f}ms/tok",
-            f"verify({others + gamma + 1})={self.verify_ms(others + gamma + 1):.1f}ms",
-            f"verify(2)={self.verify_ms(others + 2):.1f}ms",
+            f"verify({fp(gamma + 1)})={self.verify_ms(fp(gamma + 1)):.1f}ms",
+            f"verify({fp(2)})={self.verify_ms(fp(2)):.1f}ms",
             f"net={self._net.mean(0.0):.1f}ms",
             f"queue={self._queue.mean(0.0):.1f}ms",
         ]
         if ready:
             parts.append(f"ready={ready}")
-        if others:
+        if self._sessions.weight > 0 and self._sessions.mean(1.0) >= 1.5:
+            parts.append(f"batch×{self._sessions.mean(1.0):.1f}")
+        elif others:
             parts.append(f"batch+{others}")
         if cap < self.priors.gamma_max:
             parts.append(f"cap={cap}")

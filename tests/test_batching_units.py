@@ -181,10 +181,12 @@ def test_verify_cost_bench_runs(tmp_path) -> None:
 
     folder = make_tiny_model_dir(tmp_path / "m", arch="qwen2", seed=1)
     out = tmp_path / "cost.json"
-    assert verify_cost.main(["--model", str(folder), "--batches", "1,2", "--positions", "1", "--repeat", "1", "--cache-len", "8", "--json", str(out)]) == 0  # fmt: skip
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["B"], r["k"]) for r in rows] == [(1, 1), (2, 1)]
-    assert all(r["batched_ms"] > 0 and r["unbatched_ms"] > 0 for r in rows)
+    assert verify_cost.main(["--model", str(folder), "--batches", "1,2", "--positions", "1", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "onednn,torch", "--json", str(out)]) == 0  # fmt: skip
+    kernels = json.loads(out.read_text())["kernels"]
+    assert set(kernels) == {"onednn", "torch"}  # both kernel choices, side by side in one run
+    for k in kernels.values():
+        assert [(r["B"], r["k"]) for r in k["rows"]] == [(1, 1), (2, 1)]
+        assert all(r["batched_ms"] > 0 and r["unbatched_ms"] > 0 for r in k["rows"]) and k["step_ms"] > 0
 
 
 def test_scheduler_caps_queued_jobs_per_session() -> None:

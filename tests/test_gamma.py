@@ -58,8 +58,11 @@ def simulate(
     rounds: int,
     seed: int = 0,
     others: int = 0,
+    sessions: int | None = None,
 ) -> list[int]:
-    """Run ``rounds`` rounds against the truth; returns the γ chosen each round."""
+    """Run ``rounds`` rounds against the truth; returns the γ chosen each round. ``others``:
+    positions of other sessions in each forward; ``sessions``: the forward's sessions, as a
+    batching worker's verdict says (None: not said)."""
     rng = random.Random(seed)
     chosen = []
     for r in range(rounds):
@@ -71,7 +74,7 @@ def simulate(
             Observation(
                 gamma=g, n_acc=n_accepted(rng, a, g), draft_ms=draft_ms * g, drafted=g,
                 link_ms=net_ms + v, verify_ms=v, queue_ms=0.0,
-                batch_pos=others + g + 1 if others else None,
+                batch_pos=others + g + 1 if others else None, batch=sessions,
             )
         )  # fmt: skip
     return chosen
@@ -188,9 +191,9 @@ def test_drafts_made_ahead_are_free() -> None:
 
 
 def test_verify_cost_is_read_at_the_batch_positions() -> None:
-    """A batched forward costs by its total positions. Here the cost is proportional to them:
-    alone, a long block costs us in proportion; in a batch already holding 30 positions, the
-    round's cost is mostly the others' and a long block adds little, so blocks grow."""
+    """A batched forward costs by its total positions. From a worker that says only the
+    positions (no session count), the others' positions are read as given: in a batch already
+    holding 30, a long block adds little to the round, so blocks grow."""
     prop = linear(0.0, 5.0)
     alone = simulate(GammaController(), alpha=0.8, draft_ms=1.0, net_ms=2.0, verify=prop, rounds=40, seed=7)
     busy_ctrl = GammaController()
@@ -199,6 +202,28 @@ def test_verify_cost_is_read_at_the_batch_positions() -> None:
     d = busy_ctrl.decide()
     assert "batch+30" in d.reason
     assert d.round_ms == pytest.approx(1.0 * d.gamma + 2.0 + busy_ctrl.verify_ms(30 + d.gamma + 1))
+
+
+def test_a_shared_forward_is_priced_at_the_sessions_fair_share() -> None:
+    """With the session count (a batching worker's ``batch``), a block is priced as if every
+    session of the forward sent as many positions (P = n · own): on a verify cost that grows
+    with positions, blocks get shorter on a busy worker, where reading the others' positions as
+    given makes them longer (the fleet measurement of docs/BENCHMARKS.md §6.3: mean γ 9 at 8
+    sessions). Here alone the best γ is 5, the others-as-given optimum 8, the fleet's 2."""
+    cost = linear(400.0, 30.0)  # a CPU forward: a fixed weight read, then compute per position
+    truth = dict(alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=cost, rounds=60, seed=9)
+    alone = simulate(GammaController(), **truth)
+    given = simulate(GammaController(), **truth, others=28)  # 7 others of 4 positions, no count
+    fair_ctrl = GammaController()
+    fair = simulate(fair_ctrl, **truth, others=28, sessions=8)
+    tail = lambda xs: sum(xs[-15:]) / 15  # noqa: E731
+    assert tail(given) > tail(alone) + 1, (alone[-15:], given[-15:])  # the old pricing lengthens
+    assert tail(fair) < tail(alone) - 1, (alone[-15:], fair[-15:])  # fair share: shorter than alone
+    d = fair_ctrl.decide()
+    assert "batch×8.0" in d.reason and fair_ctrl.forward_positions(d.gamma + 1) == 8 * (d.gamma + 1)
+    # the fleet's symmetric optimum: N sessions at γ share a forward of N(γ + 1) positions
+    best = max(range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + cost(8 * (g + 1))))
+    assert abs(tail(fair) - best) <= 1.0, (best, fair[-15:])
 
 
 def test_untried_gamma_is_estimated_along_the_prior_shape() -> None:
