@@ -64,6 +64,17 @@ def prod_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     yield from _broker("prod", tmp_path_factory.mktemp("prod-broker"))
 
 
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Qwen2 draft (one layer) and target of the same tokenizer: (draft, target)."""
+    from tests.tiny import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-pair")
+    draft = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
+    target = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
+    return draft, target
+
+
 @pytest.fixture
 def mqtt_clients() -> Iterator[Clients]:
     """``mqtt_clients.make(config, client_id=None, connect=True, **make_client_kwargs)``; all

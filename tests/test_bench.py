@@ -19,18 +19,9 @@ from bench.report import assess
 from bench.runner import Cell, make_cells
 from shared.models import load_model
 from tests.brokers import mosquitto_missing
-from tests.tiny import make_tiny_model_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_NEW = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bench-models")
-    draft = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return draft, target
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from bench.fleet_record import CLOUD, SPECULATIVE, Step, load_recordings
 from bench.fleet_replay import Replayer, only, plan_slots
 from shared.models import load_model
 from tests.brokers import mosquitto_missing
-from tests.tiny import make_tiny_model_dir
 from tests.workers import start_worker_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,14 +31,6 @@ TINY = [
     "--worker-timeout-s",
     "90",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("fleet-models")
-    draft = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return draft, target
 
 
 def _args(**kw) -> argparse.Namespace:

@@ -19,18 +19,9 @@ from edge_agent.speculative import GenerateOptions
 from shared.models import load_model
 from shared.sampling import SamplingParams
 from tests.brokers import mosquitto_missing
-from tests.tiny import make_tiny_model_dir
 from tests.workers import start_worker_process
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("fleet-gamma-models")
-    draft = make_tiny_model_dir(root / "draft", arch="qwen2", seed=1, layers=1)
-    target = make_tiny_model_dir(root / "target", arch="qwen2", seed=2)
-    return draft, target
 
 
 def _chains(link, draft_dir: Path, target_dir: Path, n_prompts: int = 2) -> list[ChainRecording]:
