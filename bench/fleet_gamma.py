@@ -63,13 +63,16 @@ class ChainRecording:
         """Committed tokens a generation ends with: ``max_new``, or up to the end-of-sequence token."""
         return min(self.max_new, len(self.target))
 
-    def expect(self, p: int, block: tuple[int, ...]) -> tuple[int, int, int]:
-        """The verdict (n_acc, next, eos) the target gives ``block`` proposed at position ``p``."""
+    def expect(self, p: int, block: tuple[int, ...]) -> tuple[int, int | None, int]:
+        """The verdict (n_acc, next, eos) the target gives ``block`` proposed at position ``p``.
+        ``next`` is None where it lies past the recorded end-of-sequence token (every draft
+        accepted, the last one that token): unknown, and not checked."""
         n = 0
-        while n < len(block) and block[n] == self.target[p + n]:
+        while n < len(block) and p + n < len(self.target) and block[n] == self.target[p + n]:
             n += 1
-        new = (*block[:n], self.target[p + n])
-        return n, self.target[p + n], int(any(t in self.eos_ids for t in new))
+        nxt = self.target[p + n] if p + n < len(self.target) else None
+        new = (*block[:n], *(() if nxt is None else (nxt,)))
+        return n, nxt, int(any(t in self.eos_ids for t in new))
 
     def as_json(self) -> dict:
         return {"prompt": self.prompt, "open": encode(self.open).hex(), "target": list(self.target),
@@ -185,7 +188,7 @@ class GammaReplayer(Replayer):
         if not (isinstance(reply, Verdict) and reply.seq == st.seq):
             return
         expect = rec.expect(st.p, st.block)
-        got = (reply.n_acc, reply.next, int(reply.eos))
+        got = (reply.n_acc, reply.next if expect[1] is not None else None, int(reply.eos))
         committed = min(reply.n_acc + 1, rec.max_new - st.p)
         link_ms = (t - slot.t_send) * 1e3
         self.rounds.append(RoundRecord(slot.index, slot.device, "draft", slot.t_send, t, committed, got == expect,

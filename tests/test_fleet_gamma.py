@@ -56,6 +56,8 @@ def test_chain_verdicts_follow_the_target() -> None:
     assert rec.expect(0, (4,)) == (0, 5, 0)
     assert rec.expect(1, (6, 9)) == (2, 7, 1)  # an accepted end token counts as eos
     assert rec.positions() == 3
+    ended = dataclasses.replace(rec, target=(5, 6, 9))  # the target's generation ends at 9
+    assert ended.expect(1, (6, 9)) == (2, None, 1)  # the end token accepted last: what follows is unknown
     assert ChainRecording.from_json(json.loads(json.dumps(rec.as_json()))) == rec
 
 
