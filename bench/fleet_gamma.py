@@ -113,6 +113,27 @@ def record_chain(drafter, link, prompt_index: int, prompt_ids: list[int], opts, 
     )  # fmt: skip
 
 
+def record_chains(link, args, draft_spec: str, target_spec: str) -> tuple[list, list]:
+    """The γ sweep's chain recordings, drafted with the draft backend the
+    edge would use (``--draft-backend``, first value), and the prompts."""
+    from bench.cli import load_prompts
+    from edge_agent.drafter import load_draft, make_drafter
+    from edge_agent.speculative import GenerateOptions
+    from shared.sampling import SamplingParams
+
+    draft = load_draft(draft_spec, backend=args.draft_backend[0], threads=1, target=target_spec)
+    prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
+    drafter = make_drafter(draft)
+    chains = []
+    for p in prompts:
+        opts = GenerateOptions(mode="speculative", gamma=2, max_new_tokens=args.max_new_tokens,
+                               params=SamplingParams(temperature=0.0, seed=args.seed + p.index),
+                               draft_model=draft_spec, target_model=target_spec)  # fmt: skip
+        chains.append(record_chain(drafter, link, p.index, list(p.ids), opts, eos_ids=draft.eos_token_ids,
+                                   gamma_max=GammaPriors().gamma_max))  # fmt: skip
+    return chains, prompts
+
+
 @dataclass
 class _Session:
     """A slot's γ controller and the progress of its generation in flight."""
