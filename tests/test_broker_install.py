@@ -62,6 +62,14 @@ def _debian_layout(root: Path, port: int) -> Path:
     return etc / "mosquitto.conf"
 
 
+def _errors(log: str) -> list[str]:
+    """Mosquitto's error lines, less the one ``Broker.start``'s readiness probe may cause: it
+    opens a bare TCP connection to the TLS port and closes it, which Mosquitto can log as an
+    OpenSSL "unexpected eof" (seen once in CI, a timing matter)."""
+    probe = "SSL routines::unexpected eof while reading"
+    return [line for line in log.splitlines() if "Error" in line and probe not in line]
+
+
 def _serves(broker: Broker) -> None:
     clients = Clients()
     try:
@@ -87,7 +95,7 @@ def test_included_from_debians_stock_config(tmp_path):
         broker.stop()
     assert (tmp_path / "lib" / "mosquitto.db").exists()  # Debian's persistence is in force
     log = (tmp_path / "log" / "mosquitto.log").read_text()
-    assert "Duplicate" not in log and "Error" not in log, log
+    assert "Duplicate" not in log and _errors(log) == [], log
 
 
 def test_snippet_sets_no_option_that_a_main_config_owns():
@@ -229,6 +237,7 @@ def test_files_made_by_the_scripts_are_readable_after_the_broker_drops_root():
                 clients.close_all()
         finally:
             broker.stop()
-        assert "Error" not in broker.log.read_text(), broker.log.read_text()
+        log = broker.log.read_text()
+        assert _errors(log) == [], log  # e.g. a file the dropped-privilege broker cannot read
     finally:
         shutil.rmtree(root, ignore_errors=True)
