@@ -25,11 +25,10 @@ no drafting ahead during the verify). The replay itself runs no model.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.fleet_record import CLOUD, SPECULATIVE, record_one
 from bench.fleet_replay import Replayer, RoundRecord, _Slot
@@ -134,6 +133,16 @@ def record_chains(link, args, draft_spec: str, target_spec: str) -> tuple[list, 
     return chains, prompts
 
 
+class Prediction(NamedTuple):
+    """One round of a :class:`GammaReplayer`: what the controller predicted and what happened."""
+
+    t_reply: float  # when the verdict came (perf_counter seconds)
+    tokens: float  # predicted committed tokens
+    round_ms: float  # predicted round time (drafting + the verify call)
+    committed: int  # accepted + 1
+    actual_ms: float  # the emulated drafting + the verify call's wall time
+
+
 @dataclass
 class _Session:
     """A slot's γ controller and the progress of its generation in flight."""
@@ -152,9 +161,8 @@ class GammaReplayer(Replayer):
     """Replays :class:`ChainRecording` sessions, each choosing γ with its own controller.
 
     ``gamma``: ``"auto"`` or a fixed int; ``draft_ms``: the emulated drafting cost per token
-    (None: each recording's measured one). Rounds are recorded with the γ sent (``gamma``) and
-    the controller's predictions (``decisions``: (slot, γ, predicted tokens, predicted ms,
-    committed, round ms))."""
+    (None: each recording's measured one). Rounds are recorded with the γ sent (``gamma``), and
+    each answered round's :class:`Prediction` in ``predictions``."""
 
     def __init__(self, broker, *, gamma: int | str, draft_ms: float | None = None,
                  priors: GammaPriors | None = None, **kw) -> None:  # fmt: skip
@@ -162,10 +170,10 @@ class GammaReplayer(Replayer):
         self.fixed = None if gamma == GAMMA_AUTO else int(gamma)
         self.draft_ms = draft_ms
         self.priors = priors
-        self.decisions: list[tuple[int, int, float, float, int, float]] = []
+        self.predictions: list[Prediction] = []
 
     def run(self, plan, **kw):
-        self.decisions = []
+        self.predictions = []
         return super().run(plan, **kw)
 
     def _session(self, slot: _Slot) -> _Session:
@@ -192,9 +200,7 @@ class GammaReplayer(Replayer):
         draft_ms = rec.draft_ms if self.draft_ms is None else self.draft_ms
         st.block, st.conf, st.decision = chain[:gamma], conf[:gamma], choice
         st.think_ms = gamma * draft_ms
-        slot.t_send = time.perf_counter() + st.think_ms / 1e3  # no deadline runs while the edge drafts
-        heapq.heappush(self._due, (slot.t_send, id(slot) + slot.step, slot.gen.sid))
-        self._wake.notify()
+        self._send_later(slot, st.think_ms / 1e3)  # the edge drafts meanwhile
 
     def _send_step(self, slot: _Slot) -> None:
         rec, st, gen = slot.rec, slot.state, slot.gen
@@ -225,8 +231,7 @@ class GammaReplayer(Replayer):
             return
         d = st.decision
         assert d is not None
-        self.decisions.append((slot.index, len(st.block), d.tokens, d.round_ms, reply.n_acc + 1,
-                               st.think_ms + link_ms))  # fmt: skip
+        self.predictions.append(Prediction(t, d.tokens, d.round_ms, reply.n_acc + 1, st.think_ms + link_ms))
         st.ctrl.observe(
             Observation(
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
@@ -244,9 +249,9 @@ def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
     """What the γ choice did in a cell: mean γ sent, and the controller's predicted ÷ actual
     committed tokens and round time (rounds answered inside the window)."""
     inside = [r for r in replayer.rounds if r.kind == "draft" and t0 <= r.t_reply <= t1]
-    dec = replayer.decisions
-    pred_tok, act_tok = sum(x[2] for x in dec), sum(x[4] for x in dec)
-    pred_ms, act_ms = sum(x[3] for x in dec), sum(x[5] for x in dec)
+    pred = [x for x in replayer.predictions if t0 <= x.t_reply <= t1]
+    pred_tok, act_tok = sum(x.tokens for x in pred), sum(x.committed for x in pred)
+    pred_ms, act_ms = sum(x.round_ms for x in pred), sum(x.actual_ms for x in pred)
     return {
         "gamma_mean": round(statistics.fmean(r.gamma for r in inside), 2) if inside else None,
         "pred_tokens_ratio": round(pred_tok / act_tok, 3) if act_tok else None,
@@ -254,9 +259,12 @@ def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
     }
 
 
+GAMMA_MODE = "speculative γ="  # a fleet cell's mode name for the adaptive sweep: this + the γ
+
+
 def gamma_mode(gamma: int | str) -> str:
     """The fleet cell's mode name for a γ of the adaptive sweep."""
-    return f"speculative γ={gamma}"
+    return f"{GAMMA_MODE}{gamma}"
 
 
 def save_chains(path: Path, recs: list[ChainRecording]) -> None:

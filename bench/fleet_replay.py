@@ -292,9 +292,7 @@ class Replayer:
             # The worker's per-device open rate (or session quota) refused it: retry as an edge
             # would, after a pause, instead of failing at once into a hot loop of refused opens.
             self.opens_refused += 1
-            slot.t_send = time.perf_counter() + OPEN_RETRY_S
-            heapq.heappush(self._due, (slot.t_send, id(slot), gen.sid))
-            self._wake.notify()
+            self._send_later(slot, OPEN_RETRY_S)
             return
         if isinstance(reply, Error):
             self.rounds.append(RoundRecord(slot.index, slot.device, "open" if slot.step < 0 else "step",
@@ -351,14 +349,19 @@ class Replayer:
             if think <= 0:
                 self._send_step(slot)
                 return
-            assert slot.gen is not None
-            slot.t_send = time.perf_counter() + think  # no deadline runs while the edge drafts
-            heapq.heappush(self._due, (slot.t_send, id(slot) + slot.step, slot.gen.sid))
-            self._wake.notify()
+            self._send_later(slot, think)
             return
         finished = slot.step >= len(slot.rec.steps)
         self._end_generation(slot, cut=not finished)
         self._next(slot)
+
+    def _send_later(self, slot: _Slot, delay_s: float) -> None:
+        """(Under the lock.) Have the pacer send the slot's request in ``delay_s``: its open again
+        (step < 0), else its current step. No deadline runs meanwhile (``t_send`` is the send)."""
+        assert slot.gen is not None
+        slot.t_send = time.perf_counter() + delay_s
+        heapq.heappush(self._due, (slot.t_send, id(slot) + slot.step, slot.gen.sid))
+        self._wake.notify()
 
 
 def plan_slots(

@@ -81,17 +81,19 @@ def targets(cells: list[dict]) -> list[str]:
 def gamma_section(cells: list[dict]) -> list[str]:
     """The adaptive-γ sweep under load (``--fleet-gamma``): per worker and N, each γ's server
     tokens/s, and auto against the best fixed γ (issue 13: target ≥ 1.05× the best single fixed γ)."""
-    sweep = [c for c in cells if c["mode"].startswith("speculative γ=")]
+    from bench.fleet_gamma import GAMMA_MODE
+
+    sweep = [c for c in cells if c["mode"].startswith(GAMMA_MODE)]
     if not sweep:
         return []
-    gammas = list(dict.fromkeys(c["mode"].split("=", 1)[1] for c in sweep))
+    gammas = list(dict.fromkeys(c["mode"].removeprefix(GAMMA_MODE) for c in sweep))
     out = ["", "## Adaptive γ under load", "",
            "Sessions replayed from the draft's greedy chains, each choosing γ every round with the edge's "
            "controller (auto) or pinned to a fixed γ; drafting time emulated at the measured cost per token.", "",
            "| worker | N | " + " | ".join(f"γ = {g} tok/s" for g in gammas) + " | best fixed | auto ÷ best | "
            "auto mean γ | auto predicted ÷ actual tokens, round ms |",
            "|---|---|" + "---|" * len(gammas) + "---|---|---|---|"]  # fmt: skip
-    by = {(c["worker"], c["n"], c["mode"].split("=", 1)[1]): c for c in sweep}
+    by = {(c["worker"], c["n"], c["mode"].removeprefix(GAMMA_MODE)): c for c in sweep}
     for w, n in sorted({(c["worker"], c["n"]) for c in sweep}):
         row = [by.get((w, n, g)) for g in gammas]
         rates = {g: c["server_tokens_per_s"] for g, c in zip(gammas, row, strict=True) if c}

@@ -50,10 +50,8 @@ class OneDnnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        y = torch.ops.aten.mkldnn_linear(flat.contiguous().to_mkldnn(), self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.aten.mkldnn_linear(flat.to_mkldnn(), self.weight, self.bias)
         return y.to_dense().reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

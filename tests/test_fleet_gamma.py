@@ -102,7 +102,7 @@ def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, ti
                 assert set(sent) <= {1, 2} and 2 in sent  # 1 only where the generation's end caps it
             else:
                 assert len(set(sent)) > 1 and max(sent) > 2, sent  # all-accepted sessions lengthen blocks
-            assert len(rp.decisions) == len(sent)
+            assert len(rp.predictions) == len(sent)
         # One wrong target token: the replay notices at that position.
         bad = dataclasses.replace(mixed[0], target=(mixed[0].target[0] + 1, *mixed[0].target[1:]))
         rp = GammaReplayer(cfg, gamma=2, draft_ms=0.0, round_timeout_s=30)
