@@ -198,7 +198,7 @@ class GammaReplayer(Replayer):
         gamma = max(1, min(choice.gamma, len(chain), len(rec.target) - 1 - st.p))
         gamma = stop_point(conf, choice.stop_below, gamma) or gamma
         draft_ms = rec.draft_ms if self.draft_ms is None else self.draft_ms
-        st.block, st.conf, st.decision = chain[:gamma], conf[:gamma], choice
+        st.block, st.conf, st.decision = chain[:gamma], conf[:gamma], st.ctrl.revise(choice, gamma)
         st.think_ms = gamma * draft_ms
         self._send_later(slot, st.think_ms / 1e3)  # the edge drafts meanwhile
 

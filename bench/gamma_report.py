@@ -6,7 +6,12 @@ and that holds an ``auto`` cell and at least one fixed γ, the report gives (iss
 - overall: auto's pooled tok/s ÷ the best single fixed γ over the whole prompt mix (target ≥ 1.05);
 - per prompt category: auto's pooled tok/s ÷ the best fixed γ *for that category* (target ≥ 0.97);
 - what auto chose: mean γ overall and per category, and how its cost model fared: predicted ÷
-  actual committed tokens and round time, summed over the rounds it predicted.
+  actual committed tokens and round time, summed over the rounds it predicted;
+- the hindsight ceiling of choosing per prompt: for each (prompt, iteration) the fixed γ that was
+  fastest on it, pooled (``oracle_tps``), ÷ the best single fixed γ (``oracle_ratio``). A rule
+  that picks one γ per prompt cannot beat it; when it is under 1.05, the overall target needs
+  a γ that changes within a generation. At T > 0 the fixed-γ runs are different samples, so the
+  oracle also picks the luckiest sample of each prompt: an upper bound that grows with noise.
 """
 
 from __future__ import annotations
@@ -40,6 +45,25 @@ def _gamma_stats(runs: list[dict]) -> dict:
     }
 
 
+def per_prompt_oracle(fixed: dict[object, list[dict]]) -> tuple[float, dict]:
+    """Pooled tok/s if each (prompt, iteration) had run at the fixed γ fastest on it, and that γ
+    per prompt. Only (prompt, iteration) pairs that every fixed γ ran count."""
+    by: dict[tuple, dict[object, dict]] = defaultdict(dict)
+    for g, rs in fixed.items():
+        for r in rs:
+            by[(r["prompt"], r.get("iteration", 0))][g] = r
+    tokens = ms = 0.0
+    chosen: dict[str, object] = {}
+    for (prompt, it), cell in sorted(by.items(), key=lambda kv: str(kv[0])):
+        if len(cell) < len(fixed):
+            continue
+        g = min(cell, key=lambda k: cell[k]["total_ms"] / max(1, cell[k]["new_tokens"]))
+        tokens += cell[g]["new_tokens"]
+        ms += cell[g]["total_ms"]
+        chosen[f"{prompt}/{it}"] = g
+    return (tokens / ms * 1e3 if ms > 0 else 0.0), chosen
+
+
 def auto_vs_fixed(runs: list[dict]) -> list[dict]:
     """One entry per group of cells that differ only in γ and include ``auto`` (see module doc)."""
     groups: dict[tuple, dict[object, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -70,12 +94,15 @@ def auto_vs_fixed(runs: list[dict]) -> list[dict]:
             }  # fmt: skip
         auto_tps = _tps(auto)
         ratio = auto_tps / overall[best] if overall[best] else None
+        oracle_tps, oracle_gamma = per_prompt_oracle(fixed)
         cat_ratios = [v["ratio"] for v in per_cat.values() if v["ratio"] is not None]
         out.append(
             {
                 "mode": mode, "temperature": temp, "rtt_ms": rtt, "backend": backend,
                 "auto_tps": auto_tps, "best_gamma": best, "best_tps": overall[best], "ratio": ratio,
                 "fixed_tps": {str(g): v for g, v in sorted(overall.items())},
+                "oracle_tps": oracle_tps, "oracle_gamma": oracle_gamma,
+                "oracle_ratio": oracle_tps / overall[best] if overall[best] and oracle_tps else None,
                 "by_category": per_cat,
                 "targets_met": ratio is not None and ratio >= OVERALL_TARGET
                 and all(x >= CATEGORY_TARGET for x in cat_ratios),
@@ -98,12 +125,15 @@ def markdown(entries: list[dict]) -> list[str]:
         "## Adaptive γ: auto against the fixed-γ sweep",
         "",
         f"auto ÷ best single fixed γ over all prompts (target ≥ {OVERALL_TARGET}); per category, auto ÷ "
-        f"the best fixed γ for that category (target ≥ {CATEGORY_TARGET}); predicted ÷ actual: the "
-        "controller's cost model against what happened.",
+        f"the best fixed γ for that category (target ≥ {CATEGORY_TARGET}); per-prompt oracle: each "
+        "prompt at the fixed γ that was fastest on it, in hindsight, ÷ the best single fixed γ (what "
+        "choosing one γ per prompt could reach at most; at T > 0 it also picks each prompt's luckiest "
+        "sample); predicted ÷ actual: the controller's cost model against what happened.",
         "",
-        "| cells | auto tok/s | best fixed | auto ÷ best | per category: auto ÷ best (best γ, auto mean γ) "
+        "| cells | auto tok/s | best fixed | auto ÷ best | per-prompt oracle ÷ best "
+        "| per category: auto ÷ best (best γ, auto mean γ) "
         "| auto mean γ | predicted ÷ actual tokens, round ms | targets |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         name = f"{e['mode']}{'[' + e['backend'] + ']' if e['backend'] else ''} T={e['temperature']:g}"
@@ -115,7 +145,7 @@ def markdown(entries: list[dict]) -> list[str]:
         )
         lines.append(
             f"| {name} | {_f(e['auto_tps'])} | {_f(e['best_tps'])} (γ={e['best_gamma']}) | {_f(e['ratio'])} "
-            f"| {cats} | {_f(e['gamma_mean'], '.1f')} | {_f(e['pred_tokens_ratio'])}, {_f(e['pred_ms_ratio'])} "
+            f"| {_f(e.get('oracle_ratio'))} | {cats} | {_f(e['gamma_mean'], '.1f')} | {_f(e['pred_tokens_ratio'])}, {_f(e['pred_ms_ratio'])} "
             f"| {'met' if e['targets_met'] else 'missed'} |"
         )
     return lines

@@ -6,7 +6,7 @@ expected committed tokens per second of the coming round,
 
     rate(γ) = E[tokens | γ] / T(γ),
     E[tokens | γ] = (1 − α^(γ+1)) / (1 − α)          (accepted drafts + the correction/bonus),
-    T(γ) = d · max(0, γ − ready) + net + queue + overhang + V(P(γ + 1)),
+    T(γ) = d · max(0, γ − ready) + net + Q(γ) + overhang + V(P(γ + 1)),
 
 from figures it measures live, each an exponentially forgetting average (weight ``forget`` per
 round, so it follows a changing prompt, network or worker load within a few rounds):
@@ -18,7 +18,12 @@ round, so it follows a changing prompt, network or worker load within a few roun
 - ready: drafts already made ahead while the previous block was verified (pipelining), which
   cost nothing now;
 - net: the round trip that is neither verify nor queue (``link_ms − verify_ms − queue_ms``);
-- queue: the worker's queue time;
+- Q(γ): the worker's queue time. Alone, a mean. In a shared forward (the verdict's ``batch``)
+  a block mostly waits for the forward in flight to end, so the wait is priced as a share of
+  the verify cost, Q = s · V(P(γ + 1)), s the measured queue ÷ verify of the session's rounds:
+  in a fleet of sessions like this one, longer blocks make every forward, and so every wait,
+  longer (measured before: a constant wait made the model's round 13–18 % short at 4–8
+  sessions, docs/BENCHMARKS.md §6.3);
 - overhang: with pipelining, a draft-ahead forward still running when the verdict came;
 - V(P): the verify cost of a forward over P positions, as a table: a CPU's cost is a step
   function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
@@ -171,6 +176,7 @@ class GammaController:
         self._draft = _Ewma()  # ms per drafted token
         self._net = _Ewma()
         self._queue = _Ewma()
+        self._queue_share = _Ewma()  # queue_ms ÷ verify_ms of each round (the wait, in forwards)
         self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
@@ -200,6 +206,8 @@ class GammaController:
             self._draft.add(obs.draft_ms / obs.drafted, f)
         self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)
         self._queue.add(obs.queue_ms, f)
+        if obs.verify_ms > 0:
+            self._queue_share.add(obs.queue_ms / obs.verify_ms, f)
         self._overhang.add(obs.overhang_ms, f)
         own = obs.gamma + 1  # the pending token + γ drafts
         positions = obs.batch_pos if obs.batch_pos is not None and obs.batch_pos >= own else own
@@ -250,8 +258,24 @@ class GammaController:
     def predict(self, gamma: int, *, ready: int = 0) -> tuple[float, float]:
         """(expected committed tokens, expected round ms) of a round of ``gamma`` drafts."""
         d = self._draft.mean(0.0)
-        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
-        return expected_tokens(self.alpha, gamma), t + self.verify_ms(self.forward_positions(gamma + 1))
+        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._overhang.mean(0.0)
+        return expected_tokens(self.alpha, gamma), t + self.wait_and_verify_ms(gamma + 1)
+
+    def wait_and_verify_ms(self, own: int) -> float:
+        """Q + V: the worker's queue wait and verify cost of a block of ``own`` positions (see the
+        module docstring): in a shared forward the wait is a share of the verify cost."""
+        v = self.verify_ms(self.forward_positions(own))
+        if self._sessions.weight > 0:
+            return v * (1.0 + self._queue_share.mean(0.0))
+        return v + self._queue.mean(0.0)
+
+    def revise(self, choice: GammaDecision, gamma: int, *, ready: int = 0) -> GammaDecision:
+        """``choice`` re-predicted for the block actually sent, when an early stop (or the
+        drafts left) made it ``gamma`` long instead: what the round is then expected to give."""
+        if gamma == choice.gamma:
+            return choice
+        tokens, ms = self.predict(gamma, ready=ready)
+        return GammaDecision(gamma, tokens, ms, f"{choice.reason} cut γ={gamma}", choice.stop_below)
 
     def forward_positions(self, own: int) -> int:
         """P(own): the positions a forward holding ``own`` of this session's is priced at (see the
@@ -292,13 +316,13 @@ class GammaController:
         threshold is the lowest confidence bin from which every bin's calibrated acceptance
         reaches a*. Before the bins have evidence every bin sits at α̂, so nothing stops."""
         alpha, d = self.alpha, self._draft.mean(0.0)
-        base = self._net.mean(0.0) + self._queue.mean(0.0) + self._overhang.mean(0.0)
-        fp = self.forward_positions
+        base = self._net.mean(0.0) + self._overhang.mean(0.0)
+        qv = self.wait_and_verify_ms
         cal = [self.accept_prob(edge) for edge in CONF_EDGES]
         out = [0.0]
         for i in range(1, gamma):
-            t_a = d * max(0, i + 1 - ready) + base + self.verify_ms(fp(i + 1))  # x_i is drafted either way
-            t_b = d * max(0, gamma - ready) + base + self.verify_ms(fp(gamma + 1))
+            t_a = d * max(0, i + 1 - ready) + base + qv(i + 1)  # x_i is drafted either way
+            t_b = d * max(0, gamma - ready) + base + qv(gamma + 1)
             e_a, s = expected_tokens(alpha, i), alpha**i
             g = expected_tokens(alpha, gamma - i - 1)
             need = e_a * (t_b / t_a - 1.0) / (s * g) if t_a > 0 and s * g > 0 else 0.0
@@ -331,6 +355,7 @@ class GammaController:
             copy.copy(self._others),
         )
         nxt._overhang = copy.copy(self._overhang)
+        nxt._queue_share = copy.copy(self._queue_share)
         nxt._sessions = copy.copy(self._sessions)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured

@@ -270,6 +270,7 @@ def _speculative(
                     opening = pool.submit(_open, link, st, list(drafter.committed), opts, "speculative", done)
                     block = drafter.propose(choice.gamma, stop_below=choice.stop_below)
                     opening.result()
+                choice = ctrl.revise(choice, len(block.tokens), ready=block.prefetched)  # an early stop's cut
                 draft = Draft(
                     sid=st.sid, epoch=st.epoch, seq=st.seq, pos=block.pos, tok=block.tokens, q=block.q
                 )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.gamma_report import auto_vs_fixed
 from tests.brokers import mosquitto_missing
 from tests.tiny import make_tiny_model_dir
 
@@ -41,6 +42,7 @@ def test_auto_sits_beside_the_fixed_sweep(report) -> None:
     }
     for e in rep["gamma_auto"]:
         assert e["best_gamma"] in (2, 3) and e["ratio"] == pytest.approx(e["auto_tps"] / e["best_tps"])
+        assert set(e["oracle_gamma"].values()) <= {2, 3} and len(e["oracle_gamma"]) == 3
         assert set(e["by_category"]) == {r["category"] for r in rep["runs"]}
         if e["mode"] != "assisted":  # the edge's own loop records its choices and predictions
             assert e["gamma_mean"] is not None and sum(e["gamma_hist"].values()) > 0
@@ -66,3 +68,24 @@ def test_holdout_prompts_are_a_second_set() -> None:
     assert len(held) == 10 and all(set(p) == {"category", "prompt"} for p in held)
     assert not {p["prompt"] for p in held} & {p["prompt"] for p in tuned}
     assert {p["category"] for p in held} == {p["category"] for p in tuned}
+
+
+def _run(gamma, prompt: int, total_ms: float, tokens: int = 10, category: str = "c") -> dict:
+    return {"mode": "speculative", "temperature": 0.0, "rtt_ms": 0.0, "backend": None, "gamma": gamma,
+            "prompt": prompt, "iteration": 0, "category": category, "total_ms": total_ms,
+            "new_tokens": tokens, "rounds": []}  # fmt: skip
+
+
+def test_the_per_prompt_oracle_is_each_prompts_fastest_fixed_gamma() -> None:
+    # prompt 0 is fastest at γ 2, prompt 1 at γ 3; γ 2 is the best single γ (3000 ms against 3200)
+    runs = [_run(2, 0, 1000), _run(2, 1, 2000), _run(3, 0, 1600), _run(3, 1, 1600),
+            _run("auto", 0, 1100), _run("auto", 1, 1700)]  # fmt: skip
+    (e,) = auto_vs_fixed(runs)
+    assert e["best_gamma"] == 2 and e["best_tps"] == pytest.approx(20 / 3.0)
+    assert e["oracle_gamma"] == {"0/0": 2, "1/0": 3}
+    assert e["oracle_tps"] == pytest.approx(20 / 2.6)
+    assert e["oracle_ratio"] == pytest.approx(3.0 / 2.6)
+    assert e["ratio"] == pytest.approx(3.0 / 2.8)
+    # a prompt that one fixed γ did not run is left out of the oracle, not counted as free
+    (e,) = auto_vs_fixed([*runs, _run(2, 2, 500)])
+    assert e["oracle_gamma"] == {"0/0": 2, "1/0": 3}

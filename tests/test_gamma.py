@@ -59,10 +59,12 @@ def simulate(
     seed: int = 0,
     others: int = 0,
     sessions: int | None = None,
+    queue_share: float = 0.0,
 ) -> list[int]:
     """Run ``rounds`` rounds against the truth; returns the γ chosen each round. ``others``:
     positions of other sessions in each forward; ``sessions``: the forward's sessions, as a
-    batching worker's verdict says (None: not said)."""
+    batching worker's verdict says (None: not said); ``queue_share``: the worker's queue wait,
+    as a share of the verify time."""
     rng = random.Random(seed)
     chosen = []
     for r in range(rounds):
@@ -73,7 +75,7 @@ def simulate(
         ctrl.observe(
             Observation(
                 gamma=g, n_acc=n_accepted(rng, a, g), draft_ms=draft_ms * g, drafted=g,
-                link_ms=net_ms + v, verify_ms=v, queue_ms=0.0,
+                link_ms=net_ms + v * (1 + queue_share), verify_ms=v, queue_ms=v * queue_share,
                 batch_pos=others + g + 1 if others else None, batch=sessions,
             )
         )  # fmt: skip
@@ -224,6 +226,36 @@ def test_a_shared_forward_is_priced_at_the_sessions_fair_share() -> None:
     # the fleet's symmetric optimum: N sessions at γ share a forward of N(γ + 1) positions
     best = max(range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + cost(8 * (g + 1))))
     assert abs(tail(fair) - best) <= 1.0, (best, fair[-15:])
+
+
+def test_a_shared_forwards_queue_wait_grows_with_the_block() -> None:
+    """On a busy worker a block waits for the forward in flight, so the wait scales with the
+    forward: in a shared forward the controller prices the queue as its measured share of the
+    verify cost, and predicts the round of a γ it has not just sent within a few per cent (a
+    constant wait made the model's round 13-18 % short under load, docs/BENCHMARKS.md §6.3).
+    Alone, the queue stays a mean that does not depend on γ."""
+    cost = linear(400.0, 30.0)
+    ctrl = GammaController(GammaPriors(gamma=2))
+    simulate(ctrl, alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=cost, rounds=40, seed=3,
+             others=21, sessions=8, queue_share=0.8)  # fmt: skip
+    for g in (1, 3, 5):
+        p = ctrl.forward_positions(g + 1)
+        truth = 30.0 * g + 2.0 + 1.8 * ctrl.verify_ms(p)
+        assert ctrl.predict(g)[1] == pytest.approx(truth, rel=0.03), (g, p)
+    alone = GammaController()  # the worker does not say the forward was shared: a constant wait
+    simulate(alone, alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=cost, rounds=20, seed=3, queue_share=0.5)
+    waits = [alone.wait_and_verify_ms(own) - alone.verify_ms(own) for own in (2, 5, 10)]
+    assert waits[0] > 100 and waits == pytest.approx([waits[0]] * 3)
+
+
+def test_a_cut_block_is_re_predicted_at_the_length_sent() -> None:
+    ctrl = GammaController()
+    simulate(ctrl, alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=linear(400.0, 30.0), rounds=20, seed=4)
+    choice = ctrl.decide()
+    assert ctrl.revise(choice, choice.gamma) is choice
+    cut = ctrl.revise(choice, 1, ready=0)
+    assert (cut.gamma, cut.tokens, cut.round_ms) == (1, *ctrl.predict(1))
+    assert cut.reason.endswith("cut γ=1") and cut.tokens < choice.tokens
 
 
 def test_untried_gamma_is_estimated_along_the_prior_shape() -> None:
