@@ -269,7 +269,9 @@ def test_a_fleet_round_is_predicted_with_the_positions_it_really_joins() -> None
     for g in set(chosen[-20:]):
         truth = 30.0 * g + 2.0 + 1.8 * cost(8 * (g + 1) + 24)
         assert ctrl.predict(g)[1] == pytest.approx(truth, rel=0.05), (g, sorted(ctrl._verify))
-    best = max(range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + 1.8 * cost(8 * (g + 1) + 24)))
+    best = max(
+        range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + 1.8 * cost(8 * (g + 1) + 24))
+    )
     assert abs(sum(chosen[-15:]) / 15 - best) <= 1.0, (best, chosen[-15:])
 
 
