@@ -36,13 +36,6 @@ round, so it follows a changing prompt, network or worker load within a few roun
   lengthen its blocks together (measured: mean γ 9 at 8 sessions, 0.71× the best fixed γ,
   docs/BENCHMARKS.md §6.3), though the positions it adds cost the worker what anyone's do.
   Without ``batch`` (a worker that does not say): P = others + own, others from ``batch_pos``.
-  With ``batch``, P = n · own + x: x is what the forwards carried beyond n blocks like this
-  one (prefill chunks, other sessions' longer blocks), a forgetting mean of
-  max(0, batch_pos − n · own). It moves the forward's size, not the price of a position of
-  one's own (still n positions each); without it V(n · own) read a cheaper forward than the one
-  the block joined (the model's round came out 0.68 of the actual at 8 sessions,
-  docs/BENCHMARKS.md §6.4). Keying the V table by n · own instead would have learned the cost of
-  long blocks from forwards whose other blocks were short, and let blocks grow together again.
 
 Early stop: the controller also learns how often a draft of a given confidence (the draft's
 top probability) is accepted, and gives the drafter per-position thresholds below which ending
@@ -187,7 +180,6 @@ class GammaController:
         self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
-        self._extra = _Ewma()  # positions of a shared forward beyond `batch` blocks like this one
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
@@ -222,7 +214,6 @@ class GammaController:
         self._others.add(positions - own, f)
         if obs.batch is not None and obs.batch >= 1:
             self._sessions.add(float(obs.batch), f)
-            self._extra.add(max(0, positions - obs.batch * own), f)  # beyond n blocks like this one
         entry = self._verify.get(positions)
         if entry is None:
             self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
@@ -288,9 +279,9 @@ class GammaController:
 
     def forward_positions(self, own: int) -> int:
         """P(own): the positions a forward holding ``own`` of this session's is priced at (see the
-        module docstring): ``own`` alone, n · own + x in a forward of n sessions, else others + own."""
+        module docstring): ``own`` alone, n · own in a forward of n sessions, else others + own."""
         if self._sessions.weight > 0:
-            return max(own, round(self._sessions.mean(1.0) * own + self._extra.mean(0.0)))
+            return max(own, round(self._sessions.mean(1.0) * own))
         return round(self._others.mean(0.0)) + own
 
     def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
@@ -366,7 +357,6 @@ class GammaController:
         nxt._overhang = copy.copy(self._overhang)
         nxt._queue_share = copy.copy(self._queue_share)
         nxt._sessions = copy.copy(self._sessions)
-        nxt._extra = copy.copy(self._extra)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
         nxt._conf = [list(b) for b in self._conf]

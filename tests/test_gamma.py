@@ -60,22 +60,17 @@ def simulate(
     others: int = 0,
     sessions: int | None = None,
     queue_share: float = 0.0,
-    fleet_extra: int | None = None,
 ) -> list[int]:
     """Run ``rounds`` rounds against the truth; returns the γ chosen each round. ``others``:
     positions of other sessions in each forward; ``sessions``: the forward's sessions, as a
     batching worker's verdict says (None: not said); ``queue_share``: the worker's queue wait,
-    as a share of the verify time; ``fleet_extra``: the forward holds ``sessions`` blocks like
-    this one plus that many more positions (prefill chunks), instead of ``others``."""
+    as a share of the verify time."""
     rng = random.Random(seed)
     chosen = []
     for r in range(rounds):
         a = alpha(r) if callable(alpha) else alpha
         g = ctrl.decide().gamma
         chosen.append(g)
-        if fleet_extra is not None:
-            assert sessions is not None
-            others = (sessions - 1) * (g + 1) + fleet_extra
         v = verify(others + g + 1)
         ctrl.observe(
             Observation(
@@ -227,8 +222,7 @@ def test_a_shared_forward_is_priced_at_the_sessions_fair_share() -> None:
     assert tail(given) > tail(alone) + 1, (alone[-15:], given[-15:])  # the old pricing lengthens
     assert tail(fair) < tail(alone) - 1, (alone[-15:], fair[-15:])  # fair share: shorter than alone
     d = fair_ctrl.decide()
-    # n · own, plus what the forwards held beyond 8 blocks like this one (the 28 are more than 7 short ones)
-    assert "batch×8.0" in d.reason and fair_ctrl.forward_positions(d.gamma + 1) >= 8 * (d.gamma + 1)
+    assert "batch×8.0" in d.reason and fair_ctrl.forward_positions(d.gamma + 1) == 8 * (d.gamma + 1)
     # the fleet's symmetric optimum: N sessions at γ share a forward of N(γ + 1) positions
     best = max(range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + cost(8 * (g + 1))))
     assert abs(tail(fair) - best) <= 1.0, (best, fair[-15:])
@@ -252,27 +246,6 @@ def test_a_shared_forwards_queue_wait_grows_with_the_block() -> None:
     simulate(alone, alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=cost, rounds=20, seed=3, queue_share=0.5)
     waits = [alone.wait_and_verify_ms(own) - alone.verify_ms(own) for own in (2, 5, 10)]
     assert waits[0] > 100 and waits == pytest.approx([waits[0]] * 3)
-
-
-def test_a_fleet_round_is_predicted_with_the_positions_it_really_joins() -> None:
-    """Real shared forwards carry more than the n blocks like this one (prefill chunks, other
-    sessions' longer blocks): the controller prices a block in a forward of n · own positions
-    plus what the forwards carried beyond that, so it predicts the round of each γ it has seen;
-    at n · own alone the round came out short (0.68 of the actual at 8 sessions,
-    docs/BENCHMARKS.md §6.4). A position of its own still costs n positions: the choice is the
-    fleet's symmetric optimum, as without the extra positions."""
-    cost = linear(400.0, 30.0)
-    ctrl = GammaController(GammaPriors(gamma=2))
-    chosen = simulate(ctrl, alpha=0.8, draft_ms=30.0, net_ms=2.0, verify=cost, rounds=60, seed=5,
-                      sessions=8, fleet_extra=24, queue_share=0.8)  # fmt: skip
-    assert ctrl.forward_positions(4) == 8 * 4 + 24
-    for g in set(chosen[-20:]):
-        truth = 30.0 * g + 2.0 + 1.8 * cost(8 * (g + 1) + 24)
-        assert ctrl.predict(g)[1] == pytest.approx(truth, rel=0.05), (g, sorted(ctrl._verify))
-    best = max(
-        range(1, 12), key=lambda g: expected_tokens(0.8, g) / (30.0 * g + 2.0 + 1.8 * cost(8 * (g + 1) + 24))
-    )
-    assert abs(sum(chosen[-15:]) / 15 - best) <= 1.0, (best, chosen[-15:])
 
 
 def test_a_cut_block_is_re_predicted_at_the_length_sent() -> None:
