@@ -54,7 +54,7 @@ def per_prompt_oracle(fixed: dict[object, list[dict]]) -> tuple[float, dict]:
             by[(r["prompt"], r.get("iteration", 0))][g] = r
     tokens = ms = 0.0
     chosen: dict[str, object] = {}
-    for (prompt, it), cell in sorted(by.items(), key=lambda kv: str(kv[0])):
+    for (prompt, it), cell in by.items():
         if len(cell) < len(fixed):
             continue
         g = min(cell, key=lambda k: cell[k]["total_ms"] / max(1, cell[k]["new_tokens"]))
@@ -145,7 +145,7 @@ def markdown(entries: list[dict]) -> list[str]:
         )
         lines.append(
             f"| {name} | {_f(e['auto_tps'])} | {_f(e['best_tps'])} (γ={e['best_gamma']}) | {_f(e['ratio'])} "
-            f"| {_f(e.get('oracle_ratio'))} | {cats} | {_f(e['gamma_mean'], '.1f')} | {_f(e['pred_tokens_ratio'])}, {_f(e['pred_ms_ratio'])} "
+            f"| {_f(e['oracle_ratio'])} | {cats} | {_f(e['gamma_mean'], '.1f')} | {_f(e['pred_tokens_ratio'])}, {_f(e['pred_ms_ratio'])} "
             f"| {'met' if e['targets_met'] else 'missed'} |"
         )
     return lines

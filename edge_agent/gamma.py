@@ -18,7 +18,8 @@ round, so it follows a changing prompt, network or worker load within a few roun
 - ready: drafts already made ahead while the previous block was verified (pipelining), which
   cost nothing now;
 - net: the round trip that is neither verify nor queue (``link_ms − verify_ms − queue_ms``);
-- Q(γ): the worker's queue time. Alone, a mean. In a shared forward (the verdict's ``batch``)
+- Q(γ): the worker's queue time. From a worker that does not say its batch, a mean. From one
+  that does (the verdict's ``batch``; one session alone is a batch of 1, whose wait is small)
   a block mostly waits for the forward in flight to end, so the wait is priced as a share of
   the verify cost, Q = s · V(P(γ + 1)), s the measured queue ÷ verify of the session's rounds:
   in a fleet of sessions like this one, longer blocks make every forward, and so every wait,
@@ -263,7 +264,7 @@ class GammaController:
 
     def wait_and_verify_ms(self, own: int) -> float:
         """Q + V: the worker's queue wait and verify cost of a block of ``own`` positions (see the
-        module docstring): in a shared forward the wait is a share of the verify cost."""
+        module docstring): when the worker says its batch, the wait is a share of the verify cost."""
         v = self.verify_ms(self.forward_positions(own))
         if self._sessions.weight > 0:
             return v * (1.0 + self._queue_share.mean(0.0))
