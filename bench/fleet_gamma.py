@@ -32,7 +32,15 @@ from typing import NamedTuple
 
 from bench.fleet_record import CLOUD, SPECULATIVE, record_one
 from bench.fleet_replay import Replayer, RoundRecord, _Slot
-from edge_agent.gamma import GAMMA_AUTO, GammaController, GammaDecision, GammaPriors, Observation, stop_point
+from edge_agent.gamma import (
+    GAMMA_AUTO,
+    GammaController,
+    GammaDecision,
+    GammaPriors,
+    Observation,
+    RoundCost,
+    stop_point,
+)
 from shared import topics
 from shared.protocol import Draft, Open, Verdict, decode, encode
 
@@ -141,6 +149,9 @@ class Prediction(NamedTuple):
     round_ms: float  # predicted round time (drafting + the verify call)
     committed: int  # accepted + 1
     actual_ms: float  # the emulated drafting + the verify call's wall time
+    cost: RoundCost | None = None  # round_ms term by term, as the controller priced it
+    measured: RoundCost | None = None  # actual_ms term by term: drafting, the rest of the round
+    # trip (link − queue − verify), 0, the worker's queue and verify times, the forward's positions
 
 
 @dataclass
@@ -231,7 +242,12 @@ class GammaReplayer(Replayer):
             return
         d = st.decision
         assert d is not None
-        self.predictions.append(Prediction(t, d.tokens, d.round_ms, reply.n_acc + 1, st.think_ms + link_ms))
+        own = len(st.block) + 1
+        measured = RoundCost(st.think_ms, link_ms - reply.queue_ms - reply.verify_ms, 0.0, reply.queue_ms,
+                             reply.verify_ms, reply.batch_pos if reply.batch_pos is not None else own)  # fmt: skip
+        self.predictions.append(
+            Prediction(t, d.tokens, d.round_ms, reply.n_acc + 1, st.think_ms + link_ms, d.cost, measured)
+        )
         st.ctrl.observe(
             Observation(
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
@@ -256,7 +272,24 @@ def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
         "gamma_mean": round(statistics.fmean(r.gamma for r in inside), 2) if inside else None,
         "pred_tokens_ratio": round(pred_tok / act_tok, 3) if act_tok else None,
         "pred_round_ratio": round(pred_ms / act_ms, 3) if act_ms else None,
+        "round_terms": round_terms(pred),
     }
+
+
+TERMS = ("draft", "net", "overhang", "queue", "verify", "positions")
+
+
+def round_terms(pred: list[Prediction]) -> dict[str, list[float]]:
+    """Per term of the round (:class:`RoundCost`), the mean the controller predicted and the mean
+    measured, over rounds that have both: where the predicted round time goes wrong."""
+    both = [x for x in pred if x.cost is not None and x.measured is not None]
+    if not both:
+        return {}
+    return {
+        name: [round(statistics.fmean(getattr(x.cost, name) for x in both), 2),
+               round(statistics.fmean(getattr(x.measured, name) for x in both), 2)]
+        for name in TERMS
+    }  # fmt: skip
 
 
 GAMMA_MODE = "speculative γ="  # a fleet cell's mode name for the adaptive sweep: this + the γ

@@ -105,6 +105,24 @@ def gamma_section(cells: list[dict]) -> list[str]:
                  if auto else "– | –")  # fmt: skip
         cols = " | ".join(f"{c['server_tokens_per_s']:.2f}" if c else "–" for c in row)
         out.append(f"| {w} | {n} | {cols} | {best or '–'} | {ratio} | {extra} |")
+    return out + round_terms_section(sweep)
+
+
+def round_terms_section(sweep: list[dict]) -> list[str]:
+    """Each γ cell's round, term by term: the controller's predicted mean against the measured
+    one (ms; positions of the forward), so a round predicted short shows which term is short."""
+    from bench.fleet_gamma import GAMMA_MODE, TERMS
+
+    rows = [c for c in sweep if c.get("round_terms")]
+    if not rows:
+        return []
+    out = ["", "Predicted / measured mean per round (ms; positions: of the forward the block was verified in; "
+           "net: the round trip beyond queue and verify):", "",
+           "| worker | N | γ | " + " | ".join(TERMS) + " |", "|---|---|---|" + "---|" * len(TERMS)]  # fmt: skip
+    for c in sorted(rows, key=lambda c: (c["worker"], c["n"], c["mode"])):
+        terms = c["round_terms"]
+        cols = " | ".join(f"{terms[t][0]:g} / {terms[t][1]:g}" for t in TERMS)
+        out.append(f"| {c['worker']} | {c['n']} | {c['mode'].removeprefix(GAMMA_MODE)} | {cols} |")
     return out
 
 

@@ -53,6 +53,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 GAMMA_AUTO = "auto"
 CONF_EDGES = (0.0, 0.3, 0.5, 0.7, 0.85, 0.95)  # lower edges of the draft-confidence bins
@@ -104,6 +105,21 @@ class Observation:
     overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
 
 
+class RoundCost(NamedTuple):
+    """The model's round time T(γ) term by term (ms), and the forward it prices the block in."""
+
+    draft: float  # d · max(0, γ − ready)
+    net: float
+    overhang: float
+    queue: float  # Q(γ)
+    verify: float  # V(P(γ + 1))
+    positions: int  # P(γ + 1)
+
+    @property
+    def total(self) -> float:
+        return self.draft + self.net + self.overhang + self.queue + self.verify
+
+
 @dataclass(frozen=True, slots=True)
 class GammaDecision:
     """γ for the next round, the model's prediction for it, and why."""
@@ -113,6 +129,7 @@ class GammaDecision:
     round_ms: float  # predicted round time: critical-path drafting + the verify call
     reason: str
     stop_below: tuple[float, ...] = ()  # per position: end the block before a draft less confident
+    cost: RoundCost | None = None  # round_ms term by term
 
     @property
     def rate(self) -> float:
@@ -258,25 +275,35 @@ class GammaController:
     # ------------------------------------------------------------------ deciding
     def predict(self, gamma: int, *, ready: int = 0) -> tuple[float, float]:
         """(expected committed tokens, expected round ms) of a round of ``gamma`` drafts."""
-        d = self._draft.mean(0.0)
-        t = d * max(0, gamma - ready) + self._net.mean(0.0) + self._overhang.mean(0.0)
-        return expected_tokens(self.alpha, gamma), t + self.wait_and_verify_ms(gamma + 1)
+        return expected_tokens(self.alpha, gamma), self.cost(gamma, ready=ready).total
+
+    def cost(self, gamma: int, *, ready: int = 0) -> RoundCost:
+        """The expected round time of ``gamma`` drafts, term by term."""
+        queue, verify, positions = self._wait_and_verify(gamma + 1)
+        draft = self._draft.mean(0.0) * max(0, gamma - ready)
+        return RoundCost(draft, self._net.mean(0.0), self._overhang.mean(0.0), queue, verify, positions)
 
     def wait_and_verify_ms(self, own: int) -> float:
         """Q + V: the worker's queue wait and verify cost of a block of ``own`` positions (see the
         module docstring): when the worker says its batch, the wait is a share of the verify cost."""
-        v = self.verify_ms(self.forward_positions(own))
+        queue, verify, _ = self._wait_and_verify(own)
+        return queue + verify
+
+    def _wait_and_verify(self, own: int) -> tuple[float, float, int]:
+        positions = self.forward_positions(own)
+        v = self.verify_ms(positions)
         if self._sessions.weight > 0:
-            return v * (1.0 + self._queue_share.mean(0.0))
-        return v + self._queue.mean(0.0)
+            return v * self._queue_share.mean(0.0), v, positions
+        return self._queue.mean(0.0), v, positions
 
     def revise(self, choice: GammaDecision, gamma: int, *, ready: int = 0) -> GammaDecision:
         """``choice`` re-predicted for the block actually sent, when an early stop (or the
         drafts left) made it ``gamma`` long instead: what the round is then expected to give."""
         if gamma == choice.gamma:
             return choice
-        tokens, ms = self.predict(gamma, ready=ready)
-        return GammaDecision(gamma, tokens, ms, f"{choice.reason} cut γ={gamma}", choice.stop_below)
+        cost = self.cost(gamma, ready=ready)
+        tokens = expected_tokens(self.alpha, gamma)
+        return GammaDecision(gamma, tokens, cost.total, f"{choice.reason} cut γ={gamma}", choice.stop_below, cost)
 
     def forward_positions(self, own: int) -> int:
         """P(own): the positions a forward holding ``own`` of this session's is priced at (see the
@@ -289,19 +316,20 @@ class GammaController:
         """γ for the next round. ``ready``: drafts already made ahead (free now); ``remaining``:
         tokens the generation still wants (a round yields at most γ + 1, so γ ≤ remaining − 1)."""
         if self.fixed is not None:
-            tokens, ms = self.predict(self.fixed, ready=ready)
-            return GammaDecision(self.fixed, tokens, ms, "fixed")
+            return self._decision(self.fixed, ready, "fixed")
         cap = self.priors.gamma_max
         if remaining is not None:
             cap = max(1, min(cap, remaining - 1))
         if not self._measured:
             g = min(self.priors.gamma, cap)
-            tokens, ms = self.predict(g, ready=ready)
-            return GammaDecision(g, tokens, ms, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
+            return self._decision(g, ready, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
         best = max(range(1, cap + 1), key=lambda g: _rate(*self.predict(g, ready=ready)))
-        tokens, ms = self.predict(best, ready=ready)
         stops = self._stop_thresholds(best, ready) if self.priors.early_stop else ()
-        return GammaDecision(best, tokens, ms, self._reason(best, ready, cap, stops), stops)
+        return self._decision(best, ready, self._reason(best, ready, cap, stops), stops)
+
+    def _decision(self, gamma: int, ready: int, reason: str, stops: tuple[float, ...] = ()) -> GammaDecision:
+        cost = self.cost(gamma, ready=ready)
+        return GammaDecision(gamma, expected_tokens(self.alpha, gamma), cost.total, reason, stops, cost)
 
     def accept_prob(self, confidence: float) -> float:
         """Calibrated chance that a draft of this confidence is accepted (its bin, around α̂)."""

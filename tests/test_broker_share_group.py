@@ -69,6 +69,17 @@ def _collect(q: queue.Queue[Incoming], want: int, timeout: float) -> list[Incomi
     return got
 
 
+def _open(victim: MqttClient, payload: bytes, **kwargs: object) -> None:
+    """Publish one of the victim's opens and wait for its PUBACK.
+
+    Waits for the victim's connection first: a clean-clone run once found devB's client between
+    connections at its first publish (``BrokerError: not connected``), which says nothing about
+    the attack under test. A publish that was sent is never repeated, so no open is counted twice.
+    """
+    assert victim.connected.wait(5), "devB's client could not (re)connect to the test broker"
+    victim.publish(open_topic("devB"), payload, wait=True, **kwargs)  # type: ignore[arg-type]
+
+
 def _opens_only(msgs: list[Incoming]) -> list[Incoming]:
     return [m for m in msgs if m.topic.endswith("/open")]
 
@@ -88,7 +99,7 @@ def test_no_filter_lets_a_client_take_a_devices_opens(prod_broker, mqtt_clients,
 
     payloads = [f"open {i} {uuid.uuid4().hex}".encode() for i in range(OPENS)]
     for payload in payloads:
-        victim.publish(open_topic("devB"), payload, wait=True)
+        _open(victim, payload)
     got = _collect(worker.messages, OPENS, timeout=10)
     assert sorted(m.payload for m in got) == sorted(payloads)  # all of them, none swallowed
     stolen = [m.payload for m in _opens_only(_collect(thief.messages, 1, timeout=0.3))]
@@ -107,7 +118,7 @@ def test_no_subscription_at_all_delays_or_swallows_opens(prod_broker, mqtt_clien
     victim = mqtt_clients.make(prod_broker.config("devB"))
     start = time.monotonic()
     for i in range(OPENS):
-        victim.publish(open_topic("devB"), f"open {i}".encode(), wait=True)
+        _open(victim, f"open {i}".encode())
     got = _collect(worker.messages, OPENS, timeout=10)
     assert len(got) == OPENS and time.monotonic() - start < 5  # no stall waiting for a thief's ack
     assert _collect(thief.messages, 1, timeout=0.3) == []
@@ -131,8 +142,7 @@ def test_real_worker_answers_every_open_while_a_device_attacks(prod_broker, mqtt
         for sid in sids:
             msg = Open(sid=sid, epoch=0, ctx=(1, 2, 3), sampling=SamplingParams(), draft_model="d",
                        target_model="t", max_new=4)  # fmt: skip
-            victim.publish(open_topic("devB"), encode(msg), wait=True,
-                           response_topic=topics.down_topic("devB", sid))  # fmt: skip
+            _open(victim, encode(msg), response_topic=topics.down_topic("devB", sid))
         answered = {decode(m.payload).sid for m in _collect(victim.messages, len(sids), timeout=30)}
         assert answered == set(sids)
         assert _collect(thief.messages, 1, timeout=0.3) == []

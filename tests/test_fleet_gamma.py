@@ -103,6 +103,9 @@ def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, ti
             else:
                 assert len(set(sent)) > 1 and max(sent) > 2, sent  # all-accepted sessions lengthen blocks
             assert len(rp.predictions) == len(sent)
+            for x in rp.predictions:  # each round's terms add up to its predicted and measured time
+                assert x.cost.total == pytest.approx(x.round_ms) and x.measured.total == pytest.approx(x.actual_ms)
+                assert x.measured.verify > 0 and x.measured.positions >= 2 and x.cost.positions >= 2
         # One wrong target token: the replay notices at that position.
         bad = dataclasses.replace(mixed[0], target=(mixed[0].target[0] + 1, *mixed[0].target[1:]))
         rp = GammaReplayer(cfg, gamma=2, draft_ms=0.0, round_timeout_s=30)
@@ -139,3 +142,7 @@ def test_fleet_gamma_sweep_report(tiny_pair, tmp_path) -> None:
     assert len(json.loads((out / "chains.json").read_text())) == 2
     md = (out / "fleet.md").read_text()
     assert "## Adaptive γ under load" in md and "| default | 2 |" in md
+    terms = cells[("speculative γ=auto", 2)]["round_terms"]
+    assert set(terms) == {"draft", "net", "overhang", "queue", "verify", "positions"}
+    assert terms["verify"][1] > 0 and terms["positions"][1] >= 2
+    assert "| default | 2 | auto | " in md  # the term-by-term table

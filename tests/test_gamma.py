@@ -256,6 +256,27 @@ def test_a_cut_block_is_re_predicted_at_the_length_sent() -> None:
     cut = ctrl.revise(choice, 1, ready=0)
     assert (cut.gamma, cut.tokens, cut.round_ms) == (1, *ctrl.predict(1))
     assert cut.reason.endswith("cut γ=1") and cut.tokens < choice.tokens
+    assert cut.cost == ctrl.cost(1) and cut.cost.positions == 2
+
+
+def test_the_decision_carries_its_round_time_term_by_term() -> None:
+    """The fleet report compares each term with what was measured, so the terms must add up to
+    the round time the choice was made on, for a lone session and in a shared forward."""
+    for batch in (None, 4):
+        ctrl = GammaController()
+        simulate(ctrl, alpha=0.8, draft_ms=30.0, net_ms=5.0, verify=linear(400.0, 30.0), rounds=20, seed=2,
+                 sessions=batch, queue_share=0.5)  # fmt: skip
+        choice = ctrl.decide(ready=1)
+        cost = choice.cost
+        assert cost is not None and cost.total == pytest.approx(choice.round_ms)
+        assert cost.draft == pytest.approx(30.0 * (choice.gamma - 1), rel=0.05)
+        assert cost.net == pytest.approx(5.0, rel=0.05) and cost.overhang == 0.0
+        own = choice.gamma + 1
+        assert cost.positions == (own if batch is None else 4 * own)
+        assert cost.verify == ctrl.verify_ms(cost.positions)
+        assert cost.queue + cost.verify == pytest.approx(ctrl.wait_and_verify_ms(own))
+        if batch:
+            assert cost.queue == pytest.approx(0.5 * cost.verify, rel=0.05)
 
 
 def test_untried_gamma_is_estimated_along_the_prior_shape() -> None:
