@@ -303,7 +303,9 @@ class GammaController:
             return choice
         cost = self.cost(gamma, ready=ready)
         tokens = expected_tokens(self.alpha, gamma)
-        return GammaDecision(gamma, tokens, cost.total, f"{choice.reason} cut γ={gamma}", choice.stop_below, cost)
+        return GammaDecision(
+            gamma, tokens, cost.total, f"{choice.reason} cut γ={gamma}", choice.stop_below, cost
+        )
 
     def forward_positions(self, own: int) -> int:
         """P(own): the positions a forward holding ``own`` of this session's is priced at (see the

@@ -104,7 +104,8 @@ def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, ti
                 assert len(set(sent)) > 1 and max(sent) > 2, sent  # all-accepted sessions lengthen blocks
             assert len(rp.predictions) == len(sent)
             for x in rp.predictions:  # each round's terms add up to its predicted and measured time
-                assert x.cost.total == pytest.approx(x.round_ms) and x.measured.total == pytest.approx(x.actual_ms)
+                assert x.cost.total == pytest.approx(x.round_ms)
+                assert x.measured.total == pytest.approx(x.actual_ms)
                 assert x.measured.verify > 0 and x.measured.positions >= 2 and x.cost.positions >= 2
         # One wrong target token: the replay notices at that position.
         bad = dataclasses.replace(mixed[0], target=(mixed[0].target[0] + 1, *mixed[0].target[1:]))
