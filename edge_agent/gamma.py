@@ -21,14 +21,16 @@ round, so it follows a changing prompt, network or worker load within a few roun
 - Q(γ): the worker's queue time. From a worker that does not say its batch, a mean. From one
   that does (the verdict's ``batch``; one session alone is a batch of 1, whose wait is small)
   a block mostly waits for the forward in flight to end, so the wait is priced as a share of
-  the verify cost, Q = s · V(P(γ + 1)), s the measured queue ÷ verify of the session's rounds:
+  the verify cost, Q = s · V(P(γ + 1)), s the session's mean queue ÷ its mean verify time:
   in a fleet of sessions like this one, longer blocks make every forward, and so every wait,
   longer (measured before: a constant wait made the model's round 13–18 % short at 4–8
   sessions, docs/BENCHMARKS.md §6.3);
 - overhang: with pipelining, a draft-ahead forward still running when the verdict came;
 - V(P): the verify cost of a forward over P positions, as a table: a CPU's cost is a step
   function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
-  optimistically (see :meth:`GammaController.verify_ms`), so it gets tried;
+  optimistically (see :meth:`GammaController.verify_ms`), so it gets tried. In forwards shared
+  with other sessions, where each P is seen rarely, a line fitted to the forwards' positions and
+  verify times instead;
 - P(own): the positions of the forward this round's ``own`` positions would be verified in. Alone,
   P = own. In a forward shared by n sessions (the verdict's optional ``batch`` field), the block
   is priced at its fair share, P = n · own: the forward as it would be if every session in it
@@ -76,6 +78,7 @@ class GammaPriors:
     conf_weight: float = 2.0  # worth of α̂ as the prior of each confidence bin, in positions
     conf_forget: float = 0.97  # per round, for the confidence bins (each sees few positions)
     verify_smoothing: float = 0.3  # weight of a new verify time in its position count's mean
+    fit_forget: float = 0.95  # per round, for the line V(P) = a + b·P fitted to shared forwards
 
     def __post_init__(self) -> None:
         if not 1 <= self.gamma <= self.gamma_max <= 64:
@@ -194,7 +197,8 @@ class GammaController:
         self._draft = _Ewma()  # ms per drafted token
         self._net = _Ewma()
         self._queue = _Ewma()
-        self._queue_share = _Ewma()  # queue_ms ÷ verify_ms of each round (the wait, in forwards)
+        self._verified = _Ewma()  # verify_ms (the queue share is queue ÷ this)
+        self._line = _LineFit()  # verify_ms against batch_pos, over forwards of a batching worker
         self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
@@ -224,14 +228,15 @@ class GammaController:
             self._draft.add(obs.draft_ms / obs.drafted, f)
         self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)
         self._queue.add(obs.queue_ms, f)
-        if obs.verify_ms > 0:
-            self._queue_share.add(obs.queue_ms / obs.verify_ms, f)
+        self._verified.add(obs.verify_ms, f)
         self._overhang.add(obs.overhang_ms, f)
         own = obs.gamma + 1  # the pending token + γ drafts
         positions = obs.batch_pos if obs.batch_pos is not None and obs.batch_pos >= own else own
         self._others.add(positions - own, f)
         if obs.batch is not None and obs.batch >= 1:
             self._sessions.add(float(obs.batch), f)
+            if obs.batch_pos is not None:
+                self._line.add(float(positions), obs.verify_ms, self.priors.fit_forget)
         entry = self._verify.get(positions)
         if entry is None:
             self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
@@ -252,7 +257,16 @@ class GammaController:
         off its nearest neighbours: from the nearest count below along the prior shape
         V(P) ∝ 1 + ρ(P − 1), at most the nearest count above; with only counts above, in
         proportion to P. Optimistic on purpose: a γ not yet tried gets tried once and is then
-        known (and tried again only when its figure is old, in case the worker got faster)."""
+        known (and tried again only when its figure is old, in case the worker got faster).
+
+        In forwards shared by other sessions (a batching worker says ``batch``, on average 1.5 or
+        more), the cost is read off a line fitted to the forwards' (positions, verify_ms), when
+        their positions vary enough to fit one: each P of a busy worker is seen rarely, and the
+        table's optimistic reading of the counts between made the round 17–20 % short at 4–8
+        sessions (docs/BENCHMARKS.md §6.5)."""
+        line = self._line.line() if self._shared() else None
+        if line is not None:
+            return max(0.0, line[0] + line[1] * positions)
         fresh = {k: e.mean for k, e in self._verify.items() if self.rounds - e.last <= REEXPLORE}
         if positions in fresh:
             return fresh[positions]
@@ -293,8 +307,18 @@ class GammaController:
         positions = self.forward_positions(own)
         v = self.verify_ms(positions)
         if self._sessions.weight > 0:
-            return v * self._queue_share.mean(0.0), v, positions
+            return v * self.queue_share, v, positions
         return self._queue.mean(0.0), v, positions
+
+    @property
+    def queue_share(self) -> float:
+        """s: the worker's queue wait as a share of its verify cost, mean queue ÷ mean verify
+        (a ratio of means: the mean of per-round ratios underweights the long forwards, where
+        the waits are long too, and left the wait 20–28 % short at 4–8 sessions, §6.5)."""
+        return self._queue.mean(0.0) / max(self._verified.mean(0.0), 1e-9)
+
+    def _shared(self) -> bool:
+        return self._sessions.weight > 0 and self._sessions.mean(1.0) >= 1.5
 
     def revise(self, choice: GammaDecision, gamma: int, *, ready: int = 0) -> GammaDecision:
         """``choice`` re-predicted for the block actually sent, when an early stop (or the
@@ -386,7 +410,8 @@ class GammaController:
             copy.copy(self._others),
         )
         nxt._overhang = copy.copy(self._overhang)
-        nxt._queue_share = copy.copy(self._queue_share)
+        nxt._verified = copy.copy(self._verified)
+        nxt._line = copy.copy(self._line)
         nxt._sessions = copy.copy(self._sessions)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
@@ -406,8 +431,10 @@ class GammaController:
         ]
         if ready:
             parts.append(f"ready={ready}")
-        if self._sessions.weight > 0 and self._sessions.mean(1.0) >= 1.5:
+        if self._shared():
             parts.append(f"batch×{self._sessions.mean(1.0):.1f}")
+            if (line := self._line.line()) is not None:
+                parts.append(f"V≈{line[0]:.0f}+{line[1]:.1f}·P")
         elif others:
             parts.append(f"batch+{others}")
         if cap < self.priors.gamma_max:
@@ -415,6 +442,33 @@ class GammaController:
         if any(stops):
             parts.append("stop<" + "/".join(f"{c:.2f}" for c in stops[1:]))
         return " ".join(parts)
+
+
+class _LineFit:
+    """A forgetting least-squares line y = a + b·x (b ≥ 0: a forward never gets cheaper with
+    more positions); None until the x seen vary enough to fit one."""
+
+    __slots__ = ("s0", "sx", "sxx", "sxy", "sy")
+
+    def __init__(self) -> None:
+        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+
+    def add(self, x: float, y: float, forget: float) -> None:
+        self.s0 = self.s0 * forget + 1.0
+        self.sx = self.sx * forget + x
+        self.sxx = self.sxx * forget + x * x
+        self.sy = self.sy * forget + y
+        self.sxy = self.sxy * forget + x * y
+
+    def line(self, min_weight: float = 3.0, min_var: float = 1.0) -> tuple[float, float] | None:
+        if self.s0 < min_weight:
+            return None
+        mx, my = self.sx / self.s0, self.sy / self.s0
+        var = self.sxx / self.s0 - mx * mx
+        if var < min_var:
+            return None
+        b = max(0.0, (self.sxy / self.s0 - mx * my) / var)
+        return my - b * mx, b
 
 
 def _bin(confidence: float) -> int:
