@@ -263,9 +263,13 @@ class GammaReplayer(Replayer):
 
 def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
     """What the γ choice did in a cell: mean γ sent, and the controller's predicted ÷ actual
-    committed tokens and round time (rounds answered inside the window)."""
+    committed tokens and round time (rounds answered inside the window). Predictions count from
+    a slot's first measured round on: before it the controller knows no verify cost (the first
+    session of a slot starts from its priors) and prices the round at its drafting alone, which
+    says nothing about the model (``priced``: the rounds counted, of ``predicted``)."""
     inside = [r for r in replayer.rounds if r.kind == "draft" and t0 <= r.t_reply <= t1]
-    pred = [x for x in replayer.predictions if t0 <= x.t_reply <= t1]
+    window = [x for x in replayer.predictions if t0 <= x.t_reply <= t1]
+    pred = [x for x in window if x.cost is None or x.cost.verify > 0]
     pred_tok, act_tok = sum(x.tokens for x in pred), sum(x.committed for x in pred)
     pred_ms, act_ms = sum(x.round_ms for x in pred), sum(x.actual_ms for x in pred)
     return {
@@ -273,6 +277,8 @@ def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
         "pred_tokens_ratio": round(pred_tok / act_tok, 3) if act_tok else None,
         "pred_round_ratio": round(pred_ms / act_ms, 3) if act_ms else None,
         "round_terms": round_terms(pred),
+        "priced": len(pred),
+        "predicted": len(window),
     }
 
 

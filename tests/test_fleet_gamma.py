@@ -143,6 +143,8 @@ def test_fleet_gamma_sweep_report(tiny_pair, tmp_path) -> None:
     assert len(json.loads((out / "chains.json").read_text())) == 2
     md = (out / "fleet.md").read_text()
     assert "## Adaptive γ under load" in md and "| default | 2 |" in md
+    for c in cells.values():  # each slot's first round, priced before any verify was measured, is left out
+        assert 0 < c["priced"] <= c["predicted"] - c["n"], c
     terms = cells[("speculative γ=auto", 2)]["round_terms"]
     assert set(terms) == {"draft", "net", "overhang", "queue", "verify", "positions"}
     assert terms["verify"][1] > 0 and terms["positions"][1] >= 2
