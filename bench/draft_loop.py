@@ -41,15 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     drafter = make_drafter(draft)
     params = SamplingParams(temperature=0.0)
     drafter.reset(prompt, params)
-    ctx, made, t0 = len(prompt), 0, time.perf_counter()
+    made, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
         block = drafter.propose(args.gamma)
         drafter.commit(list(block.tokens))
         made += len(block.tokens)
-        ctx += len(block.tokens)
-        if ctx >= args.max_ctx or not block.tokens:
+        if len(drafter.committed) >= args.max_ctx or not block.tokens:
             drafter.reset(prompt, params)
-            ctx = len(prompt)
     spent = time.perf_counter() - t0
     print(
         f"drafted {made} tokens in {spent:.1f} s: {1e3 * spent / max(1, made):.1f} ms a token",

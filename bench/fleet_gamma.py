@@ -149,9 +149,9 @@ class Prediction(NamedTuple):
     round_ms: float  # predicted round time (drafting + the verify call)
     committed: int  # accepted + 1
     actual_ms: float  # the emulated drafting + the verify call's wall time
-    cost: RoundCost | None = None  # round_ms term by term, as the controller priced it
-    measured: RoundCost | None = None  # actual_ms term by term: drafting, the rest of the round
-    # trip (link − queue − verify), 0, the worker's queue and verify times, the forward's positions
+    cost: RoundCost | None  # round_ms term by term, as the controller priced it
+    measured: RoundCost  # actual_ms term by term: drafting, the rest of the round trip
+    # (link − queue − verify), 0, the worker's queue and verify times, the forward's positions
 
 
 @dataclass
@@ -287,8 +287,8 @@ TERMS = ("draft", "net", "overhang", "queue", "verify", "positions")
 
 def round_terms(pred: list[Prediction]) -> dict[str, list[float]]:
     """Per term of the round (:class:`RoundCost`), the mean the controller predicted and the mean
-    measured, over rounds that have both: where the predicted round time goes wrong."""
-    both = [x for x in pred if x.cost is not None and x.measured is not None]
+    measured, over rounds the controller priced term by term: where the predicted round time goes wrong."""
+    both = [x for x in pred if x.cost is not None]
     if not both:
         return {}
     return {

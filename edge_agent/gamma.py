@@ -325,11 +325,7 @@ class GammaController:
         drafts left) made it ``gamma`` long instead: what the round is then expected to give."""
         if gamma == choice.gamma:
             return choice
-        cost = self.cost(gamma, ready=ready)
-        tokens = expected_tokens(self.alpha, gamma)
-        return GammaDecision(
-            gamma, tokens, cost.total, f"{choice.reason} cut γ={gamma}", choice.stop_below, cost
-        )
+        return self._decision(gamma, ready, f"{choice.reason} cut γ={gamma}", choice.stop_below)
 
     def forward_positions(self, own: int) -> int:
         """P(own): the positions a forward holding ``own`` of this session's is priced at (see the
