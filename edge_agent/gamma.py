@@ -391,6 +391,25 @@ class GammaController:
         free = max(range(1, self.priors.gamma_max + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
         return max(gamma, free) + 1
 
+    def draft_ahead_ms(self, gamma: int) -> float | None:
+        """The latest moment, in ms after a block of ``gamma`` was sent, at which starting one more
+        draft-ahead forward still pays (None: no limit, draft ahead until the verdict).
+
+        A forward started with r ms left before the verdict holds the round up by max(0, d − r)
+        (the overhang) whatever the verdict, and saves d in the next round only if the drafts
+        ahead are kept: every draft accepted and the bonus equal to the first draft ahead, a
+        chance of about α̂^(γ+1). Starting pays iff d − r < α̂^(γ+1) · d, so drafting ahead stops
+        d · (1 − α̂^(γ+1)) before the verdict is due (net + queue + verify of the block). Without
+        it an auto session drafting toward the free-draft optimum ran a forward past nearly
+        every verdict (38 ms a round with the torch draft, docs/BENCHMARKS.md §6.5). A fixed γ
+        keeps drafting its one block ahead as before, and before any round nothing is known."""
+        if self.fixed is not None or not self._measured:
+            return None
+        d = self._draft.mean(0.0)
+        queue, verify, _ = self._wait_and_verify(gamma + 1)
+        due = self._net.mean(0.0) + queue + verify
+        return due - d * (1.0 - self.alpha ** (gamma + 1))
+
     def successor(self, *, fixed: int | None = None) -> GammaController:
         """A controller for the next session of the same draft model and link: it keeps what
         this one measured of the device, the network and the worker (draft cost, round trip,

@@ -21,8 +21,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge_agent.drafter import Drafter
@@ -204,6 +204,14 @@ def _wait_for_cloud(link: VerifierLink, opts: GenerateOptions, exc: Exception) -
         time.sleep(WAIT_POLL_S)
 
 
+def _ahead_stop(future: Future, sent: float, deadline_ms: float | None) -> Callable[[], bool]:
+    """When drafting ahead stops: at the verdict, or at the controller's deadline (ms after
+    ``sent``) past which another draft forward would hold the round up more than it saves."""
+    if deadline_ms is None:
+        return future.done
+    return lambda: future.done() or (time.perf_counter() - sent) * 1e3 >= deadline_ms
+
+
 def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats, float, float]:
     t0 = time.perf_counter()
     verdict = link.verify(draft)
@@ -278,8 +286,12 @@ def _speculative(
                 if pool is None:  # 2. verify
                     verdict, cost, link_ms, _ = _timed_verify(link, draft)
                 else:
+                    sent = time.perf_counter()
                     future = pool.submit(_timed_verify, link, draft)
-                    drafter.extend(ctrl.lookahead(choice.gamma), stop=future.done)  # bonus + next block
+                    drafter.extend(  # bonus + next block, while it still pays before the verdict
+                        ctrl.lookahead(choice.gamma),
+                        stop=_ahead_stop(future, sent, ctrl.draft_ahead_ms(choice.gamma)),
+                    )
                     verdict, cost, link_ms, t_done = future.result()
                     # a draft-ahead forward that was running when the verdict came holds the round up
                     overhang_ms = max(0.0, (time.perf_counter() - t_done) * 1e3)

@@ -271,3 +271,53 @@ def test_drafter_ends_the_block_before_an_unconfident_draft(models) -> None:
         cut = drafter.propose(6, stop_below=(0.0, 0.0, 2.0))  # position 2 never confident enough
         assert cut.tokens == full.tokens[:2] and cut.confidence == pytest.approx(full.confidence[:2])
         assert [t for t, _ in drafter.pending] == list(full.tokens[:3])  # the cut-off draft stays pending
+
+
+def test_drafting_ahead_stops_at_the_verdict_or_the_deadline() -> None:
+    """The pipelined loop's stop for drafting ahead: the verdict, or the controller's deadline
+    (ms after the block was sent); without a deadline only the verdict."""
+    from concurrent.futures import Future
+
+    pending: Future = Future()
+    assert not spec._ahead_stop(pending, time.perf_counter(), None)()
+    assert not spec._ahead_stop(pending, time.perf_counter(), 60_000.0)()
+    assert spec._ahead_stop(pending, time.perf_counter() - 0.2, 150.0)()  # sent 200 ms ago
+    assert spec._ahead_stop(pending, time.perf_counter(), -1.0)()  # due before it was sent
+    pending.set_result(None)
+    assert spec._ahead_stop(pending, time.perf_counter(), None)()
+    assert spec._ahead_stop(pending, time.perf_counter(), 60_000.0)()
+
+
+def test_a_poor_slow_draft_stops_drafting_ahead_before_the_verdict(models, monkeypatch) -> None:
+    """Pipelined auto with a draft that is slow (40 ms a token) and poor (a different model):
+    drafting ahead toward the free-draft optimum ran a forward past almost every verdict; with
+    the controller's deadline the rounds' overhang is a fraction of what it was, and the tokens
+    are the same."""
+    pair = InProcessPair.from_models(models["draft"], models["target"])
+    real_draft, real_verify = pair.drafter._draft_one, pair.link.verify
+
+    def slow_draft():
+        time.sleep(0.04)
+        return real_draft()
+
+    def far_verify(msg):
+        time.sleep(0.15)
+        return real_verify(msg)
+
+    monkeypatch.setattr(pair.drafter, "_draft_one", slow_draft)
+    pair.link.verify = far_verify
+    opts = GenerateOptions(gamma="auto", max_new_tokens=30, params=GREEDY, pipeline=True)
+    with_deadline = pair.run(PROMPT, opts)
+    monkeypatch.setattr(GammaController, "draft_ahead_ms", lambda self, gamma: None)
+    until_verdict = pair.run(PROMPT, opts)
+
+    def mean_overhang(res) -> float:
+        later = res.rounds[2:]  # once the draft's cost is measured
+        return sum(r.overhang_ms for r in later) / len(later)
+
+    assert with_deadline.token_ids == until_verdict.token_ids
+    assert mean_overhang(until_verdict) > 10.0, mean_overhang(until_verdict)
+    assert mean_overhang(with_deadline) < 0.5 * mean_overhang(until_verdict), (
+        mean_overhang(with_deadline),
+        mean_overhang(until_verdict),
+    )

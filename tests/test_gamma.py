@@ -356,3 +356,27 @@ def test_early_stop_learns_which_confidences_pay() -> None:
     assert len(stops) == ctrl.decide().gamma and stops[0] == 0.0
     assert all(0.1 < c <= 0.99 for c in stops[1:]), stops
     assert GammaController(fixed=4).decide().stop_below == ()
+
+
+def test_drafting_ahead_stops_when_another_forward_would_outlive_the_verdict() -> None:
+    """A draft-ahead forward started r ms before the verdict holds the round up by d − r when
+    r < d, and saves d next round only if the drafts ahead are kept (about α̂^(γ+1)): drafting
+    ahead stops d · (1 − α̂^(γ+1)) before the verdict is due, earlier for a poor or slow draft."""
+    assert GammaController().draft_ahead_ms(3) is None  # nothing measured: until the verdict
+    assert GammaController(fixed=3).draft_ahead_ms(3) is None  # a fixed γ drafts its block ahead
+
+    def deadline(alpha: float, draft_ms: float) -> tuple[GammaController, float]:
+        ctrl = GammaController()
+        simulate(ctrl, alpha=alpha, draft_ms=draft_ms, net_ms=20.0, verify=flat(800.0), rounds=30, seed=3)
+        got = ctrl.draft_ahead_ms(3)
+        assert got is not None
+        return ctrl, got
+
+    ctrl, good = deadline(0.9, 150.0)
+    cost = ctrl.cost(3)
+    due = cost.net + cost.queue + cost.verify
+    assert good == pytest.approx(due - 150.0 * (1.0 - ctrl.alpha**4), rel=1e-6)
+    assert due - 150.0 < good < due
+    _, poor = deadline(0.3, 150.0)
+    _, slow = deadline(0.9, 400.0)
+    assert poor < good and slow < good
