@@ -16,8 +16,10 @@ of long drafts is charged what its forwards cost and waits while the others catc
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
 round again, until the forward is full. A padded forward costs rows × its widest row, so no row
-rides in a forward more than twice its own length (a 3-token draft is never padded to a 64-token
-one or to a prefill, and drafts of mixed small γ still go together); an open's prefill beside
+rides in a forward more than twice its own length or 3 positions past it, whichever is more (a
+3-token draft is never padded to a 64-token one or to a prefill, and drafts of mixed small γ
+still go together: a 2-position block rides with a 5-position one, a few padded positions
+against a whole forward's wait); an open's prefill beside
 others is cut to the current width. While several devices have (or just had) work, the leader's
 rows beyond its first stay within its share of ``max_tokens`` (a leading prefill is cut to that
 share), and a rider's beyond its first within what the leader holds: a device ahead in model
@@ -40,9 +42,32 @@ from cloud_worker.sessions import Step, key_device
 
 MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
-WIDTH_RATIO = 2  # no row of a forward is padded to more than this many times its own length
+WIDTH_RATIO = 2  # no row of a forward is padded to more than this many times its own length,
+WIDTH_SLACK = 3  # ... or this many positions past it, whichever is more
 CREDIT_FORWARDS = 4  # an idle device comes back at most this many (mean) forwards behind the busy ones
 RECENT_S = 1.0  # a device that had work this recently (or within 3 mean forwards) counts for the shares
+REJOIN_SHARE = 0.5  # rejoin window "auto": wait for sessions back within this share of a mean forward
+REJOIN_MARGIN = 2.0  # ... a session's return is expected within its mean gap + this many mean deviations
+REJOIN_SLACK_S = 0.005  # ... and this much more (the broker's and the intake's own delay)
+GAP_FORGET = 0.8  # weight kept by a session's old return gaps at each new one
+MAX_GAPS = 4096  # sessions whose return gap is remembered
+
+
+class _Gap:
+    """A session's time from an answer to its next request: a forgetting mean and mean deviation."""
+
+    __slots__ = ("dev", "mean")
+
+    def __init__(self, first: float) -> None:
+        self.mean, self.dev = first, 0.0
+
+    def add(self, gap: float) -> None:
+        self.dev = GAP_FORGET * self.dev + (1 - GAP_FORGET) * abs(gap - self.mean)
+        self.mean = GAP_FORGET * self.mean + (1 - GAP_FORGET) * gap
+
+    @property
+    def expected(self) -> float:
+        return self.mean + REJOIN_MARGIN * self.dev
 
 
 @dataclass
@@ -84,6 +109,8 @@ class Scheduler:
         self._forward_s = 0.0  # a running mean of a forward's wall time
         self.last_rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
         self._vnow = 0.0  # the worker's virtual time: the furthest a served device has got
+        self._answered_at: dict[str, float] = {}  # session -> when its last answer went out
+        self._gaps: OrderedDict[str, _Gap] = OrderedDict()  # session -> answer-to-next-request gap (s)
 
     def __len__(self) -> int:
         return self._queued  # a plain int: safe to read from another thread (metrics)
@@ -99,6 +126,8 @@ class Scheduler:
         q = self.queues.get(job.key)
         if q is not None and len(q) >= MAX_QUEUED_PER_SESSION and not front:
             return False
+        if not front:
+            self._learn_gap(job.key, job.received_at)
         if q is None:
             q = self.queues[job.key] = deque()
             if job.device not in self.devices and len(self.devices) >= MAX_DEVICES:
@@ -151,6 +180,51 @@ class Scheduler:
         return {
             key for key in keys if key not in self.queues and self.vtime.get(key_device(key), 0.0) < ahead
         }
+
+    def answered(self, keys: set[str], at: float) -> None:
+        """Sessions whose answer went out at ``at`` (``time.perf_counter()``, the clock of
+        ``Job.received_at``): the gap to each one's next request is learned when it arrives."""
+        for key in keys:
+            self._answered_at[key] = at
+        if len(self._answered_at) > MAX_GAPS:  # sessions that never came back
+            for key in list(self._answered_at)[: len(self._answered_at) - MAX_GAPS]:
+                del self._answered_at[key]
+
+    def _learn_gap(self, key: str, received_at: float) -> None:
+        at = self._answered_at.pop(key, None)
+        if at is None or received_at < at:
+            return
+        gap = self._gaps.get(key)
+        if gap is None:
+            gap = self._gaps[key] = _Gap(received_at - at)
+            if len(self._gaps) > MAX_GAPS:
+                self._gaps.popitem(last=False)
+        else:
+            gap.add(received_at - at)
+            self._gaps.move_to_end(key)
+
+    def rejoining(self, keys: set[str]) -> tuple[set[str], float]:
+        """The rejoin window "auto": of ``keys`` (sessions just answered), those not queued again
+        that usually come back within ``REJOIN_SHARE`` of a mean forward (their mean gap), and
+        how long to wait for them (s): until the latest of them is expected (mean + 2 mean
+        deviations: an edge whose drafting time varies with its γ), at most that share. A session
+        back that soon would otherwise wait a whole forward in the queue and cost a forward of
+        its own; one that is slower (a far edge, a slow draft) is not waited for, nor one the
+        worker has not yet seen come back."""
+        limit = REJOIN_SHARE * self._forward_s
+        due = {
+            key: gap.expected
+            for key in keys
+            if key not in self.queues and (gap := self._gaps.get(key)) is not None and gap.mean <= limit
+        }
+        if not due:
+            return set(), 0.0
+        return set(due), min(limit, max(due.values()) + REJOIN_SLACK_S)
+
+    def gap_s(self, key: str) -> float | None:
+        """The expected gap (s) between an answer to session ``key`` and its next request."""
+        gap = self._gaps.get(key)
+        return None if gap is None else gap.expected
 
     @property
     def forward_s(self) -> float:
@@ -228,6 +302,11 @@ class Scheduler:
         return batch
 
 
+def _widest_for(k: int) -> int:
+    """The widest forward a row of ``k`` positions may be padded into."""
+    return max(WIDTH_RATIO * k, k + WIDTH_SLACK)
+
+
 class _Fit:
     """The rows of one forward so far, and whether another fits (module docstring)."""
 
@@ -254,7 +333,7 @@ class _Fit:
                 k = max(self.width, 1)
             width = max(self.width, k)
             if (
-                width > WIDTH_RATIO * min(k, self.narrowest)
+                width > _widest_for(min(k, self.narrowest))
                 or (self.rows + 1) * width > self.max_tokens
                 or (self.used.get(device, 0) and self.used[device] + k > self._share(device))
             ):

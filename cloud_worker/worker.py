@@ -5,7 +5,7 @@ thread loops: take every message that has arrived (decode, check, queue it on it
 ``cloud_worker.scheduler``), then run ONE target forward over the next jobs of many sessions
 (``Verifier.run``), publish the answers, and go round again. It never waits for a batch to fill;
 with ``batch_window_ms`` > 0 it waits up to that long for the sessions the last forward answered
-(default 0: take what is queued).
+(0: take what is queued; "auto": for those it expects back within half a forward).
 
 Ownership: an ``open`` reaches one worker through the shared subscription. That worker
 subscribes to the session's ``up`` topic, waits for the SUBACK, prefills, and only then answers
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Worker", "install_sigterm", "same_model_name"]
 
 DRAIN_TIMEOUT_S = 30.0
+REJOIN_AUTO = "auto"  # batch_window_ms: wait for the sessions expected back soon (``_await_rejoin``)
 FAIR_WAIT_MS = 20.0  # the most the model waits for a device owed model time (``_await_rejoin``)
 _STOP = object()  # sentinel: the model thread finishes queued work, then exits
 
@@ -66,7 +67,7 @@ class Worker(Intake):
         metrics: Any = None,
         max_batch_tokens: int = 512,
         max_batch_sessions: int = 32,
-        batch_window_ms: float = 0.0,
+        batch_window_ms: float | str = 0.0,
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
@@ -82,7 +83,8 @@ class Worker(Intake):
             max_sessions_per_device=max_sessions_per_device,
         )
         self.scheduler = Scheduler(max_tokens=max_batch_tokens, max_sessions=max_batch_sessions)
-        self.batch_window_s = max(0.0, batch_window_ms) / 1e3
+        self.rejoin_auto = batch_window_ms == REJOIN_AUTO
+        self.batch_window_s = 0.0 if self.rejoin_auto else max(0.0, float(batch_window_ms)) / 1e3
         self.fair_wait_s = max(0.0, fair_wait_ms) / 1e3
         self._answered_keys: set[str] = set()  # sessions the last forward answered (``_await_rejoin``)
         self.open_rate = OpenRate(max_opens_per_s_per_device, burst=max(max_opens_per_s_per_device, 1.0))
@@ -191,6 +193,10 @@ class Worker(Intake):
           together are verified together (without it a saturated fleet splits into cohorts that
           take turns: each forward holds the sessions whose request arrived while the previous one
           ran, and those it answers come back just too late).
+        - ``batch_window_ms = "auto"``: for those the worker expects back within half a mean
+          forward, from each session's own answer-to-request gaps (``Scheduler.rejoining``),
+          as long as the slowest of them is expected. Edges that draft before they reply (a
+          torch draft: γ · 100–200 ms) come back after any fixed window of a few ms.
         - Always, for those whose device is owed model time (``Scheduler.owed``): up to
           ``fair_wait_ms``, at most a quarter of a mean forward, so a device between rounds does
           not lose its turn to an expensive forward of a device that is ahead.
@@ -201,7 +207,10 @@ class Worker(Intake):
             awaited, window = answered, self.batch_window_s
         else:
             awaited = self.scheduler.owed(answered)
-            window = min(self.fair_wait_s, 0.25 * self.scheduler.forward_s)
+            window = min(self.fair_wait_s, 0.25 * self.scheduler.forward_s) if awaited else 0.0
+            if self.rejoin_auto:
+                back, wait = self.scheduler.rejoining(answered)
+                awaited, window = awaited | back, max(window, wait)
         deadline = time.monotonic() + window
         while (
             awaited - self.scheduler.queues.keys()
@@ -274,6 +283,7 @@ class Worker(Intake):
             if step.more:
                 job.step, job.received_at = step, time.perf_counter()
                 self.scheduler.push(job, front=True)
+        self.scheduler.answered(self._answered_keys, time.perf_counter())  # each one's return gap
         self._answer_evicted()
         self.metrics.set_sessions(len(self.verifier.sessions))
 

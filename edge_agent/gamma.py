@@ -401,9 +401,10 @@ class GammaController:
         chance of about α̂^(γ+1). Starting pays iff d − r < α̂^(γ+1) · d, so drafting ahead stops
         d · (1 − α̂^(γ+1)) before the verdict is due (net + queue + verify of the block). Without
         it an auto session drafting toward the free-draft optimum ran a forward past nearly
-        every verdict (38 ms a round with the torch draft, docs/BENCHMARKS.md §6.5). A fixed γ
-        keeps drafting its one block ahead as before, and before any round nothing is known."""
-        if self.fixed is not None or not self._measured:
+        every verdict (38 ms a round with the torch draft, docs/BENCHMARKS.md §6.5), and a fixed
+        γ whose block ahead takes longer to draft than the verify ran past it (98 ms a round at
+        γ 4, §6.6). Before any round nothing is known: no limit."""
+        if not self._measured:
             return None
         d = self._draft.mean(0.0)
         queue, verify, _ = self._wait_and_verify(gamma + 1)

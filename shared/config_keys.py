@@ -225,19 +225,22 @@ _MODEL_DEVICE = _str(r"auto|cpu|mps|cuda(:\d+)?", "'auto', 'cpu', 'mps', 'cuda' 
 MAX_GAMMA = 64  # shared.protocol.MAX_GAMMA: the most draft tokens one round carries
 
 
-def _int_or_auto(lo: int, hi: int) -> Parser:
-    ints = _int(lo, hi)
-    allowed = f"'auto' or {ints.allowed}"  # type: ignore[attr-defined]
+def _or_auto(numbers: Parser) -> Parser:
+    allowed = f"'auto' or {numbers.allowed}"  # type: ignore[attr-defined]
 
-    def parse(v: Any, text: bool) -> int | str:
+    def parse(v: Any, text: bool) -> int | float | str:
         if isinstance(v, str) and v.strip().lower() == "auto":
             return "auto"
         try:
-            return ints(v, text)
+            return numbers(v, text)
         except BadValue:
             raise BadValue(allowed) from None
 
     return _described(parse, allowed)
+
+
+def _int_or_auto(lo: int, hi: int) -> Parser:
+    return _or_auto(_int(lo, hi))
 
 
 _GAMMA = _int_or_auto(1, MAX_GAMMA)  # "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
@@ -359,9 +362,10 @@ KEYS: dict[str, _Key] = {
         _Key(
             "batch_window_ms",
             _W,
-            _float(0.0, 10_000.0),
+            _or_auto(_float(0.0, 10_000.0)),
             0.0,
-            "wait for the sessions the last forward answered (0 = take what is queued)",
+            "wait for the sessions the last forward answered (0 = take what is queued; "
+            "'auto': for those expected back within half a forward)",
         ),
         _Key(
             "fair_wait_ms",

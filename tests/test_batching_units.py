@@ -235,12 +235,13 @@ def test_a_narrow_row_is_never_padded_to_a_wide_one() -> None:
     sched.push(_job("flood", "f", k=65))
     assert [j.key for j, _ in sched.select(_prepare)] == ["calm/c"]
     assert [j.key for j, _ in sched.select(_prepare)] == ["flood/f"]
-    # drafts of mixed small gamma still go together: no row padded past twice its length
+    # drafts of mixed small gamma still go together: no row padded past twice its length or
+    # 3 positions past it (a 2-position block rides with a 5-position one, not with a 7)
     mixed = Scheduler(max_tokens=512, max_sessions=8)
-    for device, k in (("a", 3), ("b", 5), ("c", 2), ("d", 7), ("e", 4)):
+    for device, k in (("a", 3), ("b", 5), ("c", 2), ("d", 7), ("e", 4), ("f", 1)):
         mixed.push(_job(device, "s", k=k))
-    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [3, 5, 4]
-    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [2]  # the next forward
+    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [3, 5, 2, 4]
+    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [1]  # 7 > 1 + 3: not together
     assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [7]
 
 
@@ -373,3 +374,58 @@ def test_verdict_batch_fields_round_trip_and_are_optional() -> None:
     assert b"batch" not in encode(bare) and decode(encode(bare)).batch is None  # older peers' bytes
     part = Tokens(sid="s", epoch=0, seq=0, part=0, tok=(1,), done=True, eos=False, verify_ms=1.0, queue_ms=0.0, batch=2, batch_pos=2)  # fmt: skip
     assert decode(encode(part)) == part
+
+
+def _arriving(device: str, sid: str, at: float) -> Job:
+    job = _job(device, sid)
+    job.received_at = at
+    return job
+
+
+def test_rejoining_names_the_sessions_expected_back_within_half_a_forward() -> None:
+    """The rejoin window "auto": each session's answer-to-request gap is learned from its own
+    rounds; after a forward the worker waits for the answered sessions expected back within half
+    a mean forward (a drafting edge), for as long as the slowest of them, and never for a far one
+    or one it has not seen come back yet."""
+    sched = Scheduler()
+    sched.push(_job("x", "x"))
+    sched.select(_prepare)
+    sched.charge(1.0)  # a forward takes 1 s: sessions back within 0.5 s are waited for
+    t = 100.0
+    for _ in range(5):  # near: back 200 ms after each answer; far: 900 ms
+        sched.answered({"near/n", "far/f", "gone/g"}, t)
+        sched.push(_arriving("near", "n", t + 0.2))
+        sched.push(_arriving("far", "f", t + 0.9))
+        for key in ("near/n", "far/f"):
+            sched.drop(key)
+        t += 2.0
+    assert sched.gap_s("near/n") == pytest.approx(0.2) and sched.gap_s("far/f") == pytest.approx(0.9)
+    assert sched.gap_s("gone/g") is None
+    back, wait = sched.rejoining({"near/n", "far/f", "gone/g", "new/x"})
+    assert back == {"near/n"}
+    assert wait == pytest.approx(0.2, abs=0.01)  # as long as expected, not the whole half forward
+    sched.push(_job("near", "n"))
+    assert sched.rejoining({"near/n"}) == (set(), 0.0)  # already queued: nothing to wait for
+
+    sched.answered({"near/n"}, t)  # a session whose gaps vary is expected later (mean + 2 deviations)
+    sched.drop("near/n")
+    sched.push(_arriving("near", "n", t + 0.45))
+    assert 0.25 < sched.gap_s("near/n") <= 0.5
+    sched.drop("near/n")
+    for _ in range(3):  # ... and waited for while it usually comes back in time, at most half a forward
+        sched.answered({"near/n"}, t)
+        sched.push(_arriving("near", "n", t + 0.7))
+        sched.drop("near/n")
+    assert sched.gap_s("near/n") > 0.5
+    assert sched.rejoining({"near/n"}) == ({"near/n"}, pytest.approx(0.5))
+
+
+def test_a_continuing_step_is_not_a_return() -> None:
+    """A decode's or prefill's next step goes back to the front of its queue at once: it is no
+    request from the edge and must not teach the session a gap of zero."""
+    sched = Scheduler()
+    sched.answered({"a/s"}, 10.0)
+    sched.push(_arriving("a", "s", 10.0), front=True)
+    assert sched.gap_s("a/s") is None
+    sched.push(_arriving("a", "s", 10.3))
+    assert sched.gap_s("a/s") == pytest.approx(0.3)

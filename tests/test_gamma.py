@@ -363,7 +363,10 @@ def test_drafting_ahead_stops_when_another_forward_would_outlive_the_verdict() -
     r < d, and saves d next round only if the drafts ahead are kept (about α̂^(γ+1)): drafting
     ahead stops d · (1 − α̂^(γ+1)) before the verdict is due, earlier for a poor or slow draft."""
     assert GammaController().draft_ahead_ms(3) is None  # nothing measured: until the verdict
-    assert GammaController(fixed=3).draft_ahead_ms(3) is None  # a fixed γ drafts its block ahead
+    fixed = GammaController(fixed=3)
+    assert fixed.draft_ahead_ms(3) is None
+    simulate(fixed, alpha=0.9, draft_ms=150.0, net_ms=20.0, verify=flat(800.0), rounds=5, seed=3)
+    assert fixed.draft_ahead_ms(3) is not None  # a fixed γ's drafting ahead is bounded the same way
 
     def deadline(alpha: float, draft_ms: float) -> tuple[GammaController, float]:
         ctrl = GammaController()

@@ -266,3 +266,46 @@ def test_worker_waits_briefly_for_the_sessions_it_just_answered(models, dev_brok
     t0 = time.monotonic()
     worker._await_rejoin()
     assert (time.monotonic() - t0 < 0.05) == (window_ms == 0)
+
+
+def test_auto_rejoin_window_waits_for_the_sessions_expected_back(models, dev_broker, uid) -> None:
+    """``batch_window_ms = "auto"``: after a forward the model thread waits for the answered
+    sessions it expects back within half a mean forward (from their own answer-to-request gaps),
+    and stops as soon as they are back; a session never seen returning is not waited for."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
+    sched = worker.scheduler
+    worker._intake = sched.push  # the messages below are already-validated jobs
+    sched.push(_queued_job("other", "o"))
+    sched.select(lambda job: job.step)
+    sched.charge(1.0)  # a mean forward of 1 s
+    for _ in range(3):  # "edge" has come back 80 ms after each answer
+        t = time.perf_counter()
+        sched.answered({"edge/e"}, t - 0.08)
+        sched.push(_queued_job("edge", "e"))
+        sched.drop("edge/e")
+    assert sched.gap_s("edge/e") == pytest.approx(0.08, abs=0.01)
+    sched.push(_queued_job("other", "o"))  # work is queued: waiting costs it
+
+    worker._answered_keys = {"edge/e", "new/n"}
+    threading.Timer(0.05, worker.jobs.put, [_queued_job("edge", "e")]).start()
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    waited = time.monotonic() - t0
+    assert "edge/e" in sched.queues and 0.04 <= waited < 0.3, waited
+
+    worker._answered_keys = {"new/n"}  # never seen come back: no wait
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    assert time.monotonic() - t0 < 0.02
+
+
+def test_batch_window_config_takes_auto() -> None:
+    from shared.config import load_worker_config
+
+    def window(text: str):
+        return load_worker_config(env={"SPECECD_BATCH_WINDOW_MS": text}).batch_window_ms
+
+    assert window("auto") == "auto" and window("AUTO") == "auto"
+    assert window("20") == 20.0
+    with pytest.raises(Exception, match="'auto' or"):
+        window("soon")
