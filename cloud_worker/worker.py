@@ -5,7 +5,7 @@ thread loops: take every message that has arrived (decode, check, queue it on it
 ``cloud_worker.scheduler``), then run ONE target forward over the next jobs of many sessions
 (``Verifier.run``), publish the answers, and go round again. It never waits for a batch to fill;
 with ``batch_window_ms`` > 0 it waits up to that long for the sessions the last forward answered
-(0: take what is queued; "auto": for those it expects back within half a forward).
+(default "auto": for those it expects back within half a forward; 0: take what is queued).
 
 Ownership: an ``open`` reaches one worker through the shared subscription. That worker
 subscribes to the session's ``up`` topic, waits for the SUBACK, prefills, and only then answers
@@ -67,7 +67,7 @@ class Worker(Intake):
         metrics: Any = None,
         max_batch_tokens: int = 512,
         max_batch_sessions: int = 32,
-        batch_window_ms: float | str = 0.0,
+        batch_window_ms: float | str = "auto",
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,

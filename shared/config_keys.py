@@ -363,9 +363,9 @@ KEYS: dict[str, _Key] = {
             "batch_window_ms",
             _W,
             _or_auto(_float(0.0, 10_000.0)),
-            0.0,
-            "wait for the sessions the last forward answered (0 = take what is queued; "
-            "'auto': for those expected back within half a forward)",
+            "auto",
+            "wait for the sessions the last forward answered: 'auto' for those expected back "
+            "within half a forward, or up to this many ms for all (0 = take what is queued)",
         ),
         _Key(
             "fair_wait_ms",

@@ -241,8 +241,8 @@ def test_a_narrow_row_is_never_padded_to_a_wide_one() -> None:
     for device, k in (("a", 3), ("b", 5), ("c", 2), ("d", 7), ("e", 4), ("f", 1)):
         mixed.push(_job(device, "s", k=k))
     assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [3, 5, 2, 4]
-    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [1]  # 7 > 1 + 3: not together
-    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [7]
+    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [7]  # 7 > 1 + 3: not together
+    assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [1]
 
 
 def _simulate(sched: Scheduler, *, seconds: float, flood_k: int, flood_sessions: int) -> dict:

@@ -51,6 +51,8 @@ def sample(key: str, tmp_path: Path) -> tuple[object, str]:
         return "cpu", "cpu"
     if key == "gamma":  # an integer or "auto"
         return 5, "5"
+    if key == "batch_window_ms":  # "auto" (the default) or a number of ms
+        return 20.0, "20.0"
     if isinstance(spec.default, bool):
         raise AssertionError(key)
     if isinstance(spec.default, int):
