@@ -185,6 +185,7 @@ class Scheduler:
         """Sessions whose answer went out at ``at`` (``time.perf_counter()``, the clock of
         ``Job.received_at``): the gap to each one's next request is learned when it arrives."""
         for key in keys:
+            self._answered_at.pop(key, None)  # to the end: the oldest entries go first below
             self._answered_at[key] = at
         if len(self._answered_at) > MAX_GAPS:  # sessions that never came back
             for key in list(self._answered_at)[: len(self._answered_at) - MAX_GAPS]:

@@ -406,10 +406,9 @@ class GammaController:
         γ 4, §6.6). Before any round nothing is known: no limit."""
         if not self._measured:
             return None
-        d = self._draft.mean(0.0)
-        queue, verify, _ = self._wait_and_verify(gamma + 1)
-        due = self._net.mean(0.0) + queue + verify
-        return due - d * (1.0 - self.alpha ** (gamma + 1))
+        cost = self.cost(gamma)
+        due = cost.net + cost.queue + cost.verify
+        return due - self._draft.mean(0.0) * (1.0 - self.alpha ** (gamma + 1))
 
     def successor(self, *, fixed: int | None = None) -> GammaController:
         """A controller for the next session of the same draft model and link: it keeps what

@@ -239,11 +239,9 @@ def _or_auto(numbers: Parser) -> Parser:
     return _described(parse, allowed)
 
 
-def _int_or_auto(lo: int, hi: int) -> Parser:
-    return _or_auto(_int(lo, hi))
-
-
-_GAMMA = _int_or_auto(1, MAX_GAMMA)  # "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
+_GAMMA = _or_auto(
+    _int(1, MAX_GAMMA)
+)  # "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
 DEFAULT_MAX_SESSIONS = 64  # the worker's sessions kept; cloud_worker and the bench use this one
 MAX_BODY_BYTES = 1 << 20
 KEYS: dict[str, _Key] = {

@@ -10,6 +10,7 @@ across rounds of different γ) must give exactly those tokens too.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -276,8 +277,6 @@ def test_drafter_ends_the_block_before_an_unconfident_draft(models) -> None:
 def test_drafting_ahead_stops_at_the_verdict_or_the_deadline() -> None:
     """The pipelined loop's stop for drafting ahead: the verdict, or the controller's deadline
     (ms after the block was sent); without a deadline only the verdict."""
-    from concurrent.futures import Future
-
     pending: Future = Future()
     assert not spec._ahead_stop(pending, time.perf_counter(), None)()
     assert not spec._ahead_stop(pending, time.perf_counter(), 60_000.0)()
