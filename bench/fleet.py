@@ -17,6 +17,7 @@ samples the worker's RSS (the "flat within 5 %" target).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import time
@@ -131,6 +132,43 @@ def record_all(
     return recs
 
 
+def record_transplanted(
+    link, target, prompts, args, draft_spec: str, target_spec: str, modes: list[str]
+) -> list[Recording]:
+    """``--fleet-acceptance``: this target's cloud-only recordings, and speculative ones that
+    replay the acceptance recorded elsewhere round by round (``bench.fleet_record.transplant``).
+    ``target`` (the model behind ``--draft``, used here for its tokenizer only) drafts nothing."""
+    from bench.fleet_record import load_recordings, transplant
+
+    try:
+        accepted = {r.prompt: r for r in load_recordings(args.fleet_acceptance) if r.mode == SPECULATIVE}
+    except (OSError, ValueError, KeyError) as exc:
+        raise FleetUsageError(f"--fleet-acceptance {args.fleet_acceptance}: cannot read it ({exc})") from exc
+    missing = [p.index for p in prompts if p.index not in accepted]
+    if missing:
+        raise FleetUsageError(f"--fleet-acceptance has no speculative recording of prompt(s) {missing}: "
+                              "record it with the same --num-prompts (spececd-bench --fleet 1 --fleet-modes speculative)")  # fmt: skip
+    longest = max(len(m.msg.tok) for r in accepted.values() for m in r.steps)
+    # this target's greedy continuation, a block past the generation (the last round's next token)
+    longer = argparse.Namespace(**{**vars(args), "max_new_tokens": args.max_new_tokens + longest + 1})
+    conts = {
+        r.prompt: r
+        for r in record_all(link, target, prompts, longer, draft_spec, target_spec, ["cloud-only"])
+    }
+    clouds = record_all(link, target, prompts, args, draft_spec, target_spec, ["cloud-only"])
+    recs = []
+    if "speculative" in modes:
+        for cloud in clouds:
+            try:
+                recs.append(transplant(accepted[cloud.prompt], conts[cloud.prompt].tokens, cloud.open,
+                                       eos_ids=target.eos_token_ids, vocab_size=target.vocab_size))  # fmt: skip
+            except ValueError as exc:
+                raise FleetUsageError(f"--fleet-acceptance: {exc}") from exc
+    if "cloud-only" in modes:
+        recs.extend(clouds)
+    return recs
+
+
 def run_cell(replayer: Replayer, recs: list, *, n: int, mode: str, seconds: float,
              worker_pid: int, metrics_url: str, device_prefix: str | None = None) -> dict:  # fmt: skip
     """One (N, mode) cell: N slots replaying ``recs`` for ``seconds``; returns its figures.
@@ -190,6 +228,9 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
     if gammas and args.temperature[0] > 0:
         raise FleetUsageError("--fleet-gamma replays T = 0 sessions (at T > 0 the tokens depend on γ): "
                               "add --temperature 0")  # fmt: skip
+    if args.fleet_acceptance and (args.temperature[0] > 0 or gammas):
+        raise FleetUsageError("--fleet-acceptance replays greedy rounds: use it with --temperature 0 "
+                              "and without --fleet-gamma")  # fmt: skip
     if gammas and args.fleet_duration is not None:
         raise FleetUsageError("--fleet-gamma runs the sweep; drop --fleet-duration")
     bad = [m for m in modes if m not in FLEET_MODES]
@@ -229,8 +270,14 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                     if modes:
                         draft = load_model(draft_spec)
                         prompts = load_prompts(args.prompts_file, args.num_prompts, draft.tokenizer)
-                        recs = record_all(link, draft, prompts, args, draft_spec, target_spec,
-                                          ["speculative" if m == "speculative" else "cloud-only" for m in modes])  # fmt: skip
+                        if args.fleet_acceptance:
+                            recs = record_transplanted(
+                                link, draft, prompts, args, draft_spec, target_spec, modes
+                            )
+                            meta["acceptance_from"] = str(args.fleet_acceptance)
+                        else:
+                            recs = record_all(link, draft, prompts, args, draft_spec, target_spec,
+                                              ["speculative" if m == "speculative" else "cloud-only" for m in modes])  # fmt: skip
                         save_recordings(out / "recordings.json", recs)
                         del draft  # the replay needs no model
                     if gammas:
@@ -323,6 +370,15 @@ def add_fleet_arguments(ap) -> None:
         metavar="G,G,...",
         help="adaptive γ under load (T = 0): per N, sessions that choose γ each round (auto) or keep "
         "a fixed γ, replayed from the draft's greedy chains with emulated drafting time, e.g. 1,2,3,4,auto",
+    )
+    g.add_argument(
+        "--fleet-acceptance",
+        type=Path,
+        default=None,
+        metavar="RECORDINGS.json",
+        help="replay the speculative sessions with the per-round acceptance of these recordings "
+        "(a fleet run's recordings.json, T = 0, same prompts) instead of drafting here: for a target "
+        "whose real draft cannot run beside it, e.g. random weights of the demo target's shape on a GPU",
     )
     g.add_argument(
         "--fleet-worker",

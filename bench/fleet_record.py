@@ -167,3 +167,75 @@ def record_one(
     )
     mode = CLOUD if opts.mode == "cloud-only" else SPECULATIVE
     return Recording(prompt_index, mode, rec.opens[0], steps, tuple(result.token_ids))
+
+
+def transplant(
+    acceptance: Recording,
+    continuation: tuple[int, ...] | list[int],
+    open_: Open,
+    *,
+    eos_ids: frozenset[int],
+    vocab_size: int,
+) -> Recording:
+    """A speculative recording for THIS target, with the rounds of one made with another pair.
+
+    ``acceptance`` is a greedy speculative recording of the same prompt made elsewhere (the demo
+    pair on a CPU, say); ``continuation`` is this target's own greedy continuation of the prompt,
+    at least a block longer than the generation; ``open_`` is this target's open of the prompt.
+    Every round keeps its position, its γ and how many tokens were accepted; its draft tokens
+    become the target's own continuation for the accepted part followed by tokens the target does
+    not choose. At T = 0 the worker's verdict on each block is then known in advance (the
+    recorded ``n_acc``; ``next`` = the target's token there), so the replay checks every answer
+    as with a real recording. This is how the fleet benchmark runs a target whose real draft
+    cannot run beside it (random weights of the demo target's shape on a GPU machine the
+    weights cannot reach): the acceptance is the real pair's, round by round; the forwards,
+    the batching and the transport are this worker's.
+
+    The generation ends where ``acceptance`` did, or earlier at an end-of-sequence token of the
+    continuation. Raises ValueError when the two recordings do not fit together."""
+    if acceptance.mode != SPECULATIVE:
+        raise ValueError(
+            f"prompt {acceptance.prompt}: the acceptance recording must be speculative, got {acceptance.mode}"
+        )
+    ctx = open_.ctx
+    if acceptance.open.ctx != ctx:
+        raise ValueError(
+            f"prompt {acceptance.prompt}: the acceptance recording was made on other prompt tokens "
+            "(another prompts file, --num-prompts order or tokenizer): record it with the same prompts"
+        )
+    cont = tuple(continuation)
+    total = len(acceptance.tokens)
+    eos_at = next((i for i, t in enumerate(cont[:total]) if t in eos_ids), None)
+    if eos_at is not None:
+        total = eos_at + 1
+    steps, done = [], 0
+    for step in acceptance.steps:
+        msg = step.msg
+        if not isinstance(msg, Draft) or msg.q is not None:
+            raise ValueError(
+                f"prompt {acceptance.prompt}: only greedy (T = 0) draft recordings can be transplanted"
+            )
+        if done >= total:
+            break
+        c, gamma, n_acc = msg.pos - len(ctx), len(msg.tok), step.expect[0]
+        if c != done:
+            raise ValueError(f"prompt {acceptance.prompt}: a round at position {msg.pos} after {done} tokens")
+        if c + n_acc >= len(cont):
+            raise ValueError(
+                f"prompt {acceptance.prompt}: the continuation has {len(cont)} tokens, the round at "
+                f"{c} needs {c + n_acc + 1}: record it a block longer than the generation"
+            )
+        miss = (cont[c + n_acc] + 1) % vocab_size  # any token but the target's
+        tok = (*cont[c : c + n_acc], *[miss] * (gamma - n_acc))
+        new = cont[c : c + n_acc + 1]
+        take = min(n_acc + 1, total - done)
+        expect = (n_acc, cont[c + n_acc], int(any(t in eos_ids for t in new)))
+        steps.append(Step(dataclasses.replace(msg, sid=open_.sid, tok=tok), expect, take, step.draft_ms))
+        done += take
+    return Recording(
+        acceptance.prompt,
+        SPECULATIVE,
+        dataclasses.replace(open_, mode="speculative", max_new=acceptance.open.max_new),
+        tuple(steps),
+        cont[:total],
+    )

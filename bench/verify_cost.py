@@ -5,10 +5,16 @@ per session, it times ONE padded forward over all B rows (``cloud_worker.batchin
 the worker's batched path) and B separate single-session forwards (the unbatched worker), and
 reports both, their ratio and the batched forward in units of one single-token step.
 ``--ragged`` spreads the cache lengths over [L/2, L] to show what padding the caches costs.
+The batched forward is also split into its phases (stacking the caches, the model, moving the
+logits to the host, splitting the caches back), each timed after the device is done.
 
-    python -m bench.verify_cost --model /path/to/target [--cache-len 96] [--batches 1,2,4,8,16]
-        [--positions 1,3] [--repeat 3] [--threads 1] [--ragged] [--cpu-linear onednn,torch]
-        [--json out.json]
+``--random`` builds the model from the folder's ``config.json`` with random weights
+(``bench.random_models``): a forward's cost does not depend on the weights' values, so a GPU
+machine the weights cannot reach can still time the demo target's or the 8B default's shape.
+
+    python -m bench.verify_cost --model /path/to/target [--random] [--device auto] [--dtype auto]
+        [--cache-len 96] [--batches 1,2,4,8,16] [--positions 1,3] [--repeat 3] [--threads 1]
+        [--ragged] [--cpu-linear onednn,torch] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _sync(model) -> None:
+    """Wait for the model's device, so a host clock read after it times finished work."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def _caches(model, vocab: int, lengths: list[int], rng: random.Random) -> list[DynamicCache]:
     out = []
     with torch.inference_mode():
@@ -47,31 +59,45 @@ def measure(model, vocab: int, b: int, k: int, lengths: list[int], repeat: int, 
     """Median ms of one batched forward and of b single forwards (b sessions × k new tokens)."""
     caches = _caches(model, vocab, lengths, rng)
     news = [[rng.randrange(vocab) for _ in range(k)] for _ in range(b)]
-    batched, single = [], []
+    batched, single, phases = [], [], []
     with torch.inference_mode():
-        for _ in range(repeat + 1):  # the first round warms up
+        for i in range(2 * repeat + 1):  # the first round warms up; the last `repeat` split the phases
+            split: dict[str, float] | None = {} if i > repeat else None
             rows = [Row(c, n, list(t)) for c, n, t in zip(caches, lengths, news, strict=True)]
+            _sync(model)
             t0 = time.perf_counter()
-            forward_rows(model, rows, vocab)
-            batched.append((time.perf_counter() - t0) * 1e3)
+            forward_rows(model, rows, vocab, phases_ms=split)
+            if split is None:
+                batched.append((time.perf_counter() - t0) * 1e3)
+            else:
+                phases.append(split)
             for c, n in zip(caches, lengths, strict=True):  # one row runs in place: restore it
                 crop(c, c.get_seq_length(), n)
+            if split is not None:
+                continue
+            _sync(model)
             t0 = time.perf_counter()
             for c, n, t in zip(caches, lengths, news, strict=True):
                 forward_cached(model, t, c)
                 crop(c, n + k, n)
+            _sync(model)
             single.append((time.perf_counter() - t0) * 1e3)
     return {
         "B": b,
         "k": k,
         "batched_ms": statistics.median(batched[1:]),
         "unbatched_ms": statistics.median(single[1:]),
+        "phases_ms": {
+            name: round(statistics.median(p.get(name, 0.0) for p in phases), 3) for name in phases[0]
+        },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.verify_cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="target model: folder, GGUF or hub id (as spececd-worker)")
+    ap.add_argument("--random", action="store_true",
+                    help="random weights of the --model folder's config.json (timing only; no weights needed)")  # fmt: skip
     ap.add_argument("--cache-len", type=int, default=96)
     ap.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--positions", type=_ints, default=[1, 3])
@@ -89,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     models = {}
     for kernel in args.cpu_linear:  # one copy of the model per kernel choice
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        loaded = (
+            _random_model(args)
+            if args.random
+            else load_model(args.model, device=args.device, dtype=args.dtype)
+        )
         if kernel == "onednn":
             use_onednn_linears(loaded.model)
         models[kernel] = loaded.model
@@ -101,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"model {args.model}, cache {args.cache_len}: one step (B=1, k=1) = "
           + ", ".join(f"{steps[kn]:.1f} ms ({kn})" for kn in models))  # fmt: skip
-    print(
-        f"{'kernels':>8} {'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} {'x one step':>11}"
-    )
+    print(f"{'kernels':>8} {'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} "
+          f"{'x one step':>11}  phases ms (stack/model/logits/split)")  # fmt: skip
     rows: dict[str, list[dict]] = {kn: [] for kn in models}
     for k in args.positions:
         for b in args.batches:
@@ -116,14 +145,30 @@ def main(argv: list[str] | None = None) -> int:
                 r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
                 r["x_step"] = r["batched_ms"] / steps[kn]
                 rows[kn].append(r)
-                print(f"{kn:>8} {b:>3} {k:>2} {r['batched_ms']:>11.1f} {r['unbatched_ms']:>12.1f} "
-                      f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}", flush=True)  # fmt: skip
+                ph = r["phases_ms"]
+                split = "/".join(f"{ph.get(x, 0.0):.2f}" for x in ("stack", "model", "logits", "split"))
+                print(f"{kn:>8} {b:>3} {k:>2} {r['batched_ms']:>11.2f} {r['unbatched_ms']:>12.2f} "
+                      f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}  {split}", flush=True)  # fmt: skip
     if args.json:
-        out = {"model": args.model, "cache_len": args.cache_len,
+        out = {"model": args.model, "random_weights": args.random, "device": str(loaded.model.device),
+               "dtype": str(loaded.model.dtype), "cache_len": args.cache_len, "ragged": args.ragged,
                "kernels": {kn: {"step_ms": steps[kn], "rows": rows[kn]} for kn in models}}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def _random_model(args):
+    """The --model folder's architecture with random weights, as a ``LoadedModel``-like record."""
+    from types import SimpleNamespace
+
+    from bench.random_models import config_of, random_model
+    from shared.models import resolve_device_dtype
+
+    dev, dt = resolve_device_dtype(args.device, args.dtype)
+    config = config_of(args.model)
+    return SimpleNamespace(model=random_model(config, seed=args.seed, dtype=dt, device=str(dev), on_device=True),
+                           vocab_size=config.vocab_size)  # fmt: skip
 
 
 def _kernels(text: str) -> list[str]:

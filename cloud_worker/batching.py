@@ -10,6 +10,7 @@ A single row runs unpadded on the session's own cache: exactly the unbatched pat
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,22 +48,52 @@ def cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
+class _Phases:
+    """Optional wall-clock split of one ``forward_rows`` call (``bench.verify_cost``); off, it costs nothing.
+
+    Each mark waits for the device first, so the split is honest on a GPU (where it also slows the
+    forward a little: only the benchmark asks for it)."""
+
+    def __init__(self, into: dict[str, float] | None, device) -> None:
+        self.into, self.device = into, device
+        self.t = self._now() if into is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.into is not None:
+            now = self._now()
+            self.into[name] = self.into.get(name, 0.0) + (now - self.t) * 1e3
+            self.t = now
+
+
 @torch.inference_mode()
-def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
+def forward_rows(
+    model, rows: list[Row], vocab_size: int, *, phases_ms: dict[str, float] | None = None
+) -> list[torch.Tensor]:
     """Run ONE forward over every row's new tokens; return each row's logits ``[k_i, V]`` (float32, CPU).
 
     Each row's cache is replaced by one holding its old positions plus its new tokens (its
     ``cache_len`` grows by ``k_i``), exactly as ``forward_cached`` would leave it. When no row
     wants logits (prefill chunks only), the model may compute the last position's only: what comes
-    back for those rows is then ``[1, V]`` or ``[k_i, V]``, and unused.
+    back for those rows is then ``[1, V]`` or ``[k_i, V]``, and unused. ``phases_ms``, when given,
+    gets the ms spent stacking the caches (``stack``), in the model (``model``), moving the logits
+    to the host (``logits``) and splitting the caches back (``split``).
     """
     skip = not any(r.logits for r in rows)
+    dev = model.device
+    phase = _Phases(phases_ms, dev)
     if len(rows) == 1:  # unpadded: the unbatched path, bit for bit
         row = rows[0]
         logits = forward_cached(model, row.tokens, row.cache, last_only=skip)[:, :vocab_size]  # [k, V]
+        phase.mark("model")
         row.cache_len += len(row.tokens)
-        return [logits.float().cpu()]
-    dev = model.device
+        logits = logits.float().cpu()
+        phase.mark("logits")
+        return [logits]
     b = len(rows)
     p = max(r.cache_len for r in rows)  # padded cache length
     k = max(len(r.tokens) for r in rows)  # padded new tokens
@@ -89,6 +120,7 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
                     values[i, :, p - r.cache_len :] = kv[layer][1][0, :, : r.cache_len]
             stacked.append((keys, values))
         past = cache_of(stacked)
+    phase.mark("stack")
     out = model(
         input_ids=ids.to(dev),
         attention_mask=mask.to(dev),
@@ -97,7 +129,9 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
         **forward_kwargs(type(model), past),
         **(last_logits_only(type(model)) if skip else {}),
     )
+    phase.mark("model")
     logits = out.logits[:, :, :vocab_size].float().cpu()  # [B, K, V] ([B, 1, V] when skipped)
+    phase.mark("logits")
     grown = layer_kv(past)
     result = []
     for i, r in enumerate(rows):
@@ -114,4 +148,5 @@ def forward_rows(model, rows: list[Row], vocab_size: int) -> list[torch.Tensor]:
         )
         r.cache_len += n
         result.append(logits[i, :n])  # [n, V] (when skipped: the padded last position, unused)
+    phase.mark("split")
     return result

@@ -211,16 +211,34 @@ class Scheduler:
         deviations: an edge whose drafting time varies with its γ), at most that share. A session
         back that soon would otherwise wait a whole forward in the queue and cost a forward of
         its own; one that is slower (a far edge, a slow draft) is not waited for, nor one the
-        worker has not yet seen come back."""
+        worker has not yet seen come back, nor one whose device is more than ``credit`` ahead of
+        the devices with work in model time: a wait that ends without the session is charged to
+        its device (``charge_wait``), so a device that comes back quickly for a while and then
+        late, over and over, buys those waits with its own share of the worker."""
         limit = REJOIN_SHARE * self._forward_s
+        busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
+        cutoff = (min(busy) if busy else self._vnow) + self.credit
         due = {
             key: gap.expected
             for key in keys
-            if key not in self.queues and (gap := self._gaps.get(key)) is not None and gap.mean <= limit
+            if key not in self.queues
+            and (gap := self._gaps.get(key)) is not None
+            and gap.mean <= limit
+            and self.vtime.get(key_device(key), 0.0) <= cutoff
         }
         if not due:
             return set(), 0.0
         return set(due), min(limit, max(due.values()) + REJOIN_SLACK_S)
+
+    def charge_wait(self, keys: set[str], seconds: float) -> None:
+        """The worker waited ``seconds`` for sessions ``keys`` and they did not come: charge the
+        wait to their devices' model time, split evenly (idle model time is model time)."""
+        devices = {key_device(k) for k in keys}
+        if not devices or seconds <= 0:
+            return
+        for device in devices:
+            self.vtime[device] = self.vtime.get(device, self._vnow) + seconds / len(devices)
+            self._vnow = max(self._vnow, self.vtime[device])
 
     def gap_s(self, key: str) -> float | None:
         """The expected gap (s) between an answer to session ``key`` and its next request."""

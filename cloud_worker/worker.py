@@ -211,7 +211,8 @@ class Worker(Intake):
             if self.rejoin_auto:
                 back, wait = self.scheduler.rejoining(answered)
                 awaited, window = awaited | back, max(window, wait)
-        deadline = time.monotonic() + window
+        start = time.monotonic()
+        deadline = start + window
         while (
             awaited - self.scheduler.queues.keys()
             and len(self.scheduler) < self.scheduler.max_sessions
@@ -222,6 +223,9 @@ class Worker(Intake):
                 self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
+        if self.rejoin_auto and (missing := awaited - self.scheduler.queues.keys()):
+            # waited for in vain: the wait is charged to their devices' model time (Scheduler.rejoining)
+            self.scheduler.charge_wait(missing, time.monotonic() - start)
 
     def _drain_intake(self) -> None:
         while True:

@@ -187,6 +187,38 @@ def test_verify_cost_bench_runs(tmp_path) -> None:
     for k in kernels.values():
         assert [(r["B"], r["k"]) for r in k["rows"]] == [(1, 1), (2, 1)]
         assert all(r["batched_ms"] > 0 and r["unbatched_ms"] > 0 for r in k["rows"]) and k["step_ms"] > 0
+        # the batched forward split into its phases: a single row has no stacking, a batch has all four
+        assert set(k["rows"][0]["phases_ms"]) == {"model", "logits"}
+        assert set(k["rows"][1]["phases_ms"]) == {"stack", "model", "logits", "split"}
+
+
+def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path) -> None:
+    from bench import verify_cost
+
+    folder = make_tiny_model_dir(tmp_path / "m", arch="llama", seed=1)
+    (folder / "model.safetensors").unlink()  # the shape alone: no weights
+    out = tmp_path / "cost.json"
+    assert verify_cost.main(["--model", str(folder), "--random", "--batches", "2", "--positions", "3", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch", "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["random_weights"] and report["device"] == "cpu"
+    assert [(r["B"], r["k"]) for r in report["kernels"]["torch"]["rows"]] == [(2, 3)]
+
+
+def test_phases_split_the_forward_and_change_nothing(target) -> None:
+    rng = random.Random(3)
+    v = target.vocab_size
+    specs = [
+        ([rng.randrange(v) for _ in range(n)], [rng.randrange(v) for _ in range(k)])
+        for n, k in ((5, 2), (9, 3))
+    ]
+    plain = forward_rows(target.model, [Row(_cache(target.model, p), len(p), t) for p, t in specs], v)
+    phases: dict[str, float] = {}
+    timed = forward_rows(
+        target.model, [Row(_cache(target.model, p), len(p), t) for p, t in specs], v, phases_ms=phases
+    )
+    for a, b in zip(plain, timed, strict=True):
+        assert torch.equal(a, b)
+    assert set(phases) == {"stack", "model", "logits", "split"} and all(x >= 0 for x in phases.values())
 
 
 def test_scheduler_caps_queued_jobs_per_session() -> None:
@@ -418,6 +450,40 @@ def test_rejoining_names_the_sessions_expected_back_within_half_a_forward() -> N
         sched.drop("near/n")
     assert sched.gap_s("near/n") > 0.5
     assert sched.rejoining({"near/n"}) == ({"near/n"}, pytest.approx(0.5))
+
+
+def test_waits_in_vain_are_charged_and_bound_what_a_device_can_cost_others() -> None:
+    """An untrusted device that comes back quickly for a while and then late, over and over,
+    would make the worker wait up to half a forward per forward for nothing. Each wait that ends
+    without the session is charged to its device's model time; once that device is more than
+    ``credit`` (a few forwards) ahead of the devices with work, it is not waited for at all."""
+    sched = Scheduler()
+    sched.push(_job("x", "x"))
+    sched.select(_prepare)
+    sched.charge(1.0)  # a mean forward of 1 s: credit = 4 s
+    t = 100.0
+    for _ in range(3):  # both devices have come back 100 ms after each answer
+        sched.answered({"liar/l", "honest/h"}, t)
+        sched.push(_arriving("liar", "l", t + 0.1))
+        sched.push(_arriving("honest", "h", t + 0.1))
+        sched.drop("liar/l")
+        sched.drop("honest/h")
+        t += 2.0
+    sched.push(_job("honest", "h2"))  # the honest device has work queued
+    assert sched.rejoining({"liar/l", "honest/h"})[0] == {"liar/l", "honest/h"}
+    before = sched.vtime.get("honest", 0.0)
+    waits = 0
+    while "liar/l" in sched.rejoining({"liar/l"})[0]:
+        sched.charge_wait({"liar/l"}, 0.15)  # it did not come: the worker waited 150 ms for nothing
+        waits += 1
+        assert waits < 100
+    # the liar stopped being waited for after about credit / wait ≈ 4 s / 0.15 s forwards' worth
+    assert 20 <= waits <= 40, waits
+    assert sched.vtime.get("honest", 0.0) == before  # nothing charged to the honest device
+    assert sched.rejoining({"honest/h"})[0] == {"honest/h"}  # which is still waited for
+    sched.charge_wait(set(), 1.0)  # nothing missing: nothing charged
+    sched.charge_wait({"honest/h"}, 0.0)
+    assert sched.vtime.get("honest", 0.0) == before
 
 
 def test_a_continuing_step_is_not_a_return() -> None:

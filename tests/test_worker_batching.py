@@ -299,6 +299,31 @@ def test_auto_rejoin_window_waits_for_the_sessions_expected_back(models, dev_bro
     assert time.monotonic() - t0 < 0.02
 
 
+def test_auto_rejoin_wait_in_vain_is_charged_to_the_awaited_device(models, dev_broker, uid) -> None:
+    """The worker waits for a session it expects back; when the wait ends without it, the time
+    waited goes on that device's model time (Scheduler.charge_wait), not on anyone else's."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
+    sched = worker.scheduler
+    worker._intake = sched.push
+    sched.push(_queued_job("other", "o"))
+    sched.select(lambda job: job.step)
+    sched.charge(0.4)  # a mean forward of 400 ms: a session back within 200 ms is awaited
+    for _ in range(3):
+        t = time.perf_counter()
+        sched.answered({"late/l"}, t - 0.05)
+        sched.push(_queued_job("late", "l"))
+        sched.drop("late/l")
+    sched.push(_queued_job("other", "o"))
+    before = dict(sched.vtime)
+    worker._answered_keys = {"late/l"}  # this time it does not come back
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    waited = time.monotonic() - t0
+    assert 0.05 <= waited < 0.3, waited
+    assert sched.vtime["late"] - before.get("late", 0.0) == pytest.approx(waited, abs=0.02)
+    assert sched.vtime.get("other") == before.get("other")
+
+
 def test_batch_window_config_takes_auto() -> None:
     from shared.config import load_worker_config
 
