@@ -3,7 +3,8 @@
 #
 #   1. verify cost (parts 1 and 3): ONE batched target forward over B sessions × k positions against B single
 #      forwards (bench.verify_cost), on random weights of the demo target's shape (bf16 and fp32)
-#      and of the default 8B target's (bf16), each split into stack / model / logits / split;
+#      and of the default 8B target's (bf16), each split into stack / model / logits / split, and
+#      with greedy rows (only the argmax comes back to the host, as the worker does at T = 0);
 #   2. the fleet bench (spececd-bench --fleet) through a real Mosquitto: a random-weight target of
 #      the demo target's shape (bench.random_models), batched and unbatched worker, speculative
 #      and cloud-only, N = $FLEET_NS. Random weights give no real acceptance, so the speculative
@@ -96,5 +97,7 @@ want fleet && part fleet 300 $PY -m bench.cli --fleet "$FLEET_NS" --fleet-second
 
 # -- 3. the 8B default target's shape, and the fleet's dtype -------------------------------------
 want vc && part vc-8b-bf16 120 $PY "${VC[@]}" --model "$BIG_CONFIG" --dtype bfloat16 --json "$RES/vc-8b-bf16.json"
+want vc && part vc-demo-bf16-greedy 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bfloat16 --greedy \
+  --json "$RES/vc-demo-bf16-greedy.json"
 want vc && part vc-demo-fp32 60 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype float32 --json "$RES/vc-demo-fp32.json"
 note "done"

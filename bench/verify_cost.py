@@ -14,7 +14,7 @@ machine the weights cannot reach can still time the demo target's or the 8B defa
 
     python -m bench.verify_cost --model /path/to/target [--random] [--device auto] [--dtype auto]
         [--cache-len 96] [--batches 1,2,4,8,16] [--positions 1,3] [--repeat 3] [--threads 1]
-        [--ragged] [--cpu-linear onednn,torch] [--json out.json]
+        [--ragged] [--greedy] [--cpu-linear onednn,torch] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,7 +55,16 @@ def _caches(model, vocab: int, lengths: list[int], rng: random.Random) -> list[D
     return out
 
 
-def measure(model, vocab: int, b: int, k: int, lengths: list[int], repeat: int, rng: random.Random) -> dict:
+def measure(
+    model,
+    vocab: int,
+    b: int,
+    k: int,
+    lengths: list[int],
+    repeat: int,
+    rng: random.Random,
+    greedy: bool = False,
+) -> dict:
     """Median ms of one batched forward and of b single forwards (b sessions × k new tokens)."""
     caches = _caches(model, vocab, lengths, rng)
     news = [[rng.randrange(vocab) for _ in range(k)] for _ in range(b)]
@@ -63,7 +72,7 @@ def measure(model, vocab: int, b: int, k: int, lengths: list[int], repeat: int, 
     with torch.inference_mode():
         for i in range(2 * repeat + 1):  # the first round warms up; the last `repeat` split the phases
             split: dict[str, float] | None = {} if i > repeat else None
-            rows = [Row(c, n, list(t)) for c, n, t in zip(caches, lengths, news, strict=True)]
+            rows = [Row(c, n, list(t), greedy=greedy) for c, n, t in zip(caches, lengths, news, strict=True)]
             _sync(model)
             t0 = time.perf_counter()
             forward_rows(model, rows, vocab, phases_ms=split)
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ragged", action="store_true", help="cache lengths spread over [L/2, L]")
+    ap.add_argument("--greedy", action="store_true",
+                    help="T = 0 rows: only each position's argmax comes back to the host, as the worker does")  # fmt: skip
     ap.add_argument("--cpu-linear", type=_kernels, default=["onednn"], metavar="onednn,torch",
                     help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own; "
                     "a comma list measures each, alternating, in one run")  # fmt: skip
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 lengths = [args.cache_len] * b
             for kn, model in models.items():
-                r = measure(model, vocab, b, k, lengths, args.repeat, rng)
+                r = measure(model, vocab, b, k, lengths, args.repeat, rng, greedy=args.greedy)
                 r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
                 r["x_step"] = r["batched_ms"] / steps[kn]
                 rows[kn].append(r)
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}  {split}", flush=True)  # fmt: skip
     if args.json:
         out = {"model": args.model, "random_weights": args.random, "device": str(loaded.model.device),
-               "dtype": str(loaded.model.dtype), "cache_len": args.cache_len, "ragged": args.ragged,
+               "dtype": str(loaded.model.dtype), "cache_len": args.cache_len, "ragged": args.ragged, "greedy": args.greedy,
                "kernels": {kn: {"step_ms": steps[kn], "rows": rows[kn]} for kn in models}}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -27,6 +27,7 @@ class Row:
     cache_len: int
     tokens: list[int]
     logits: bool = True  # False: the row's logits are not used (a prefill chunk)
+    greedy: bool = False  # True: only each position's argmax is used (T = 0): it comes back, not [k, V]
 
 
 def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -76,6 +77,9 @@ def forward_rows(
 ) -> list[torch.Tensor]:
     """Run ONE forward over every row's new tokens; return each row's logits ``[k_i, V]`` (float32, CPU).
 
+    A ``greedy`` row gets its positions' argmax ids ``[k_i]`` (int64, CPU) instead, taken on the
+    model's device (lowest id on ties, as ``logits_to_probs``): a T = 0 verdict needs nothing
+    else, and on a GPU moving B·k·V floats to the host costs more than the rest of the verdict.
     Each row's cache is replaced by one holding its old positions plus its new tokens (its
     ``cache_len`` grows by ``k_i``), exactly as ``forward_cached`` would leave it. When no row
     wants logits (prefill chunks only), the model may compute the last position's only: what comes
@@ -91,7 +95,7 @@ def forward_rows(
         logits = forward_cached(model, row.tokens, row.cache, last_only=skip)[:, :vocab_size]  # [k, V]
         phase.mark("model")
         row.cache_len += len(row.tokens)
-        logits = logits.float().cpu()
+        logits = logits.argmax(dim=-1).cpu() if row.greedy else logits.float().cpu()  # [k] or [k, V]
         phase.mark("logits")
         return [logits]
     b = len(rows)
@@ -130,7 +134,7 @@ def forward_rows(
         **(last_logits_only(type(model)) if skip else {}),
     )
     phase.mark("model")
-    logits = out.logits[:, :, :vocab_size].float().cpu()  # [B, K, V] ([B, 1, V] when skipped)
+    logits = _to_host(out.logits[:, :, :vocab_size], [r.greedy for r in rows])  # per row: [K, V] or [K]
     phase.mark("logits")
     grown = layer_kv(past)
     result = []
@@ -147,6 +151,19 @@ def forward_rows(
             ]
         )
         r.cache_len += n
-        result.append(logits[i, :n])  # [n, V] (when skipped: the padded last position, unused)
+        result.append(logits[i][:n])  # [n, V] (when skipped: the padded last position, unused)
     phase.mark("split")
     return result
+
+
+def _to_host(logits: torch.Tensor, greedy: list[bool]) -> list[torch.Tensor]:
+    """Row i of ``logits`` [B, K, V] on the host: its argmax ids [K] when ``greedy[i]``, else its
+    logits [K, V] as float32. One transfer per kind, only the rows that need it."""
+    if not any(greedy):
+        return list(logits.float().cpu())
+    if all(greedy):
+        return list(logits.argmax(dim=-1).cpu())
+    pick = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
+    rest = torch.tensor([i for i, g in enumerate(greedy) if not g], device=logits.device)
+    ids, full = iter(logits[pick].argmax(dim=-1).cpu()), iter(logits[rest].float().cpu())
+    return [next(ids) if g else next(full) for g in greedy]

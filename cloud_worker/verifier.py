@@ -45,7 +45,7 @@ from shared.sampling import (
     position_uniform,
     sample_from_probs,
 )
-from shared.speculative import expected_acceptance, verify_draft
+from shared.speculative import expected_acceptance, verify_draft, verify_greedy
 
 log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MAX_SESSIONS", "Reply", "Step", "Verifier", "session_key"]
@@ -236,7 +236,8 @@ class Verifier:
         gamma = min(len(msg.tok), sess.limit - msg.pos)
         feed = sess.tokens[sess.cache_len :] + list(msg.tok[:gamma])
         finish = lambda step, logits, fwd_ms: [self._finish_verify(step, msg, gamma, logits, fwd_ms)]  # noqa: E731
-        return Step(key, sess, Row(sess.cache, sess.cache_len, feed), finish, queue_ms)
+        row = Row(sess.cache, sess.cache_len, feed, greedy=sess.params.greedy)
+        return Step(key, sess, row, finish, queue_ms)
 
     # -- model work -------------------------------------------------------------------------
 
@@ -286,18 +287,21 @@ class Verifier:
     ) -> Verdict:
         t0 = time.perf_counter()
         sess = step.sess
-        p = logits_to_probs(logits[-(gamma + 1) :], sess.params)  # [γ+1, V]
-        draft = torch.tensor(msg.tok[:gamma], dtype=torch.long)  # [γ]
-        if msg.q is None:
-            q = torch.nn.functional.one_hot(draft, self.vocab_size).float()  # [γ, V]
+        if msg.q is None:  # greedy (checked in prepare): the same verdict from the argmax alone
+            best = logits[-(gamma + 1) :].tolist()  # [γ+1] argmax ids (a greedy row: forward_rows)
+            n_acc, nxt = verify_greedy(best, msg.tok[:gamma])
+            # one-hot p and q: α_i = 1 where the draft is the argmax, else 0
+            alpha = tuple(1.0 if i < n_acc else 0.0 for i in range(min(n_acc + 1, gamma)))
         else:
+            p = logits_to_probs(logits[-(gamma + 1) :], sess.params)  # [γ+1, V]
+            draft = torch.tensor(msg.tok[:gamma], dtype=torch.long)  # [γ]
             q = torch.stack([d.to_dense(self.vocab_size) for d in msg.q[:gamma]])  # [γ, V]
-        seed, pos = sess.params.seed, msg.pos
-        n_acc, nxt = verify_draft(
-            p, draft, q, uniform=lambda i, purpose: position_uniform(seed, pos + i, purpose)
-        )
-        judged = min(n_acc + 1, gamma)
-        alpha = tuple(round(a, 6) for a in expected_acceptance(p[:judged], q[:judged]).tolist())
+            seed, pos = sess.params.seed, msg.pos
+            n_acc, nxt = verify_draft(
+                p, draft, q, uniform=lambda i, purpose: position_uniform(seed, pos + i, purpose)
+            )
+            judged = min(n_acc + 1, gamma)
+            alpha = tuple(round(a, 6) for a in expected_acceptance(p[:judged], q[:judged]).tolist())
         new = [*msg.tok[:n_acc], nxt]
         sess.cache_len = crop(sess.cache, sess.cache_len, len(sess.tokens) + n_acc)
         sess.tokens.extend(new)
@@ -322,12 +326,18 @@ class Verifier:
         sess.last_seq, sess.last_replies = msg.seq, []
         parts = iter(range(steps))
 
+        def row_of(sess: Session) -> Row:
+            return Row(sess.cache, sess.cache_len, sess.tokens[sess.cache_len :], greedy=sess.params.greedy)
+
         def finish(step: Step, logits: torch.Tensor, fwd_ms: float) -> list[Reply]:
             part = next(parts)
             t0 = time.perf_counter()
-            probs = logits_to_probs(logits[-1], sess.params)  # [V]
             pos = len(sess.tokens)
-            tok = sample_from_probs(probs, position_uniform(sess.params.seed, pos, PURPOSE_TARGET))
+            if sess.params.greedy:  # the argmax id (a greedy row): what sampling its one-hot gives
+                tok = int(logits[-1])
+            else:
+                probs = logits_to_probs(logits[-1], sess.params)  # [V]
+                tok = sample_from_probs(probs, position_uniform(sess.params.seed, pos, PURPOSE_TARGET))
             sess.tokens.append(tok)
             eos = tok in self.eos_ids
             done = eos or part == steps - 1
@@ -339,12 +349,10 @@ class Verifier:
             sess.last_replies.append(reply)
             if not done:  # the next token is the next step, after every other session's turn
                 step.more = True
-                step.row, step.queue_ms = Row(sess.cache, sess.cache_len, sess.tokens[sess.cache_len :]), 0.0
+                step.row, step.queue_ms = row_of(sess), 0.0
             return [reply]
 
-        return Step(
-            key, sess, Row(sess.cache, sess.cache_len, sess.tokens[sess.cache_len :]), finish, queue_ms
-        )
+        return Step(key, sess, row_of(sess), finish, queue_ms)
 
     # -- one request at a time (the in-process link, tests) ---------------------------------
 

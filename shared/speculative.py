@@ -16,7 +16,7 @@ tokens were really sampled from (the edge samples from the quantized sparse q it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -67,6 +67,25 @@ def verify_draft(
             residual = p[i]
         return i, sample_from_probs(residual, draw(i, PURPOSE_NEXT))
     return gamma, sample_from_probs(p[gamma], draw(gamma, PURPOSE_NEXT))
+
+
+def verify_greedy(target_tokens: Sequence[int], draft_tokens: Sequence[int]) -> tuple[int, int]:
+    """``verify_draft`` at T = 0 without building distributions; returns ``(n_accepted, next_token)``.
+
+    ``target_tokens`` are the target's argmax (lowest id on ties, as ``logits_to_probs``) at the
+    γ + 1 positions of the block. With one-hot p and q a draft token is accepted iff it is the
+    target's argmax, and the correction or bonus is the target's argmax there: so the draft is
+    accepted up to its first difference from ``target_tokens``, and the next token is the target's
+    at that position. Same result as ``verify_draft``, without its [γ+1, V] tensors (the worker
+    otherwise spends more on them than on a GPU forward's share per session)."""
+    gamma = len(draft_tokens)
+    assert len(target_tokens) == gamma + 1, (
+        f"need γ + 1 = {gamma + 1} target tokens, got {len(target_tokens)}"
+    )
+    n = 0
+    while n < gamma and draft_tokens[n] == target_tokens[n]:
+        n += 1
+    return n, int(target_tokens[n])
 
 
 def expected_acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

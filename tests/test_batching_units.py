@@ -56,6 +56,27 @@ def test_padded_forward_equals_single_forwards(target) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pattern", [(True,), (True, True, True), (True, False, True, False), (False, False)])
+def test_greedy_rows_get_the_argmax_of_their_logits(target, pattern) -> None:
+    """A greedy row (T = 0) gets its positions' argmax ids, taken where the model runs, instead of
+    its [k, V] logits; other rows in the same forward still get their full logits, unchanged."""
+    rng = random.Random(len(pattern))
+    v = target.vocab_size
+    specs = [([rng.randrange(v) for _ in range(rng.randint(1, 20))], [rng.randrange(v) for _ in range(rng.randint(1, 5))]) for _ in pattern]  # fmt: skip
+    full = forward_rows(target.model, [Row(_cache(target.model, p), len(p), t) for p, t in specs], v)
+    mixed_rows = [
+        Row(_cache(target.model, p), len(p), t, greedy=g) for (p, t), g in zip(specs, pattern, strict=True)
+    ]
+    mixed = forward_rows(target.model, mixed_rows, v)
+    for g, want, got, (p, t), row in zip(pattern, full, mixed, specs, mixed_rows, strict=True):
+        if g:
+            assert got.dtype == torch.long and got.shape == (len(t),)
+            assert torch.equal(got, want.argmax(dim=-1))
+        else:
+            assert torch.equal(got, want)
+        assert row.cache_len == len(p) + len(t)  # the cache grows the same either way
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_prefill_rows_skip_the_vocabulary_projection_and_leave_the_same_cache(target, rows) -> None:
     """Prefill chunks want no logits: the forward computes the last position's only, and the
@@ -198,9 +219,9 @@ def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", arch="llama", seed=1)
     (folder / "model.safetensors").unlink()  # the shape alone: no weights
     out = tmp_path / "cost.json"
-    assert verify_cost.main(["--model", str(folder), "--random", "--batches", "2", "--positions", "3", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch", "--json", str(out)]) == 0  # fmt: skip
+    assert verify_cost.main(["--model", str(folder), "--random", "--greedy", "--batches", "2", "--positions", "3", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch", "--json", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())
-    assert report["random_weights"] and report["device"] == "cpu"
+    assert report["random_weights"] and report["greedy"] and report["device"] == "cpu"
     assert [(r["B"], r["k"]) for r in report["kernels"]["torch"]["rows"]] == [(2, 3)]
 
 

@@ -14,8 +14,16 @@ import pytest
 import torch
 
 from shared import speculative
-from shared.sampling import SparseDist, sparsify
-from shared.speculative import expected_acceptance, verify_draft
+from shared.sampling import (
+    PURPOSE_TARGET,
+    SamplingParams,
+    SparseDist,
+    logits_to_probs,
+    position_uniform,
+    sample_from_probs,
+    sparsify,
+)
+from shared.speculative import expected_acceptance, verify_draft, verify_greedy
 
 V = 6
 N = 6000
@@ -107,6 +115,32 @@ def test_greedy_one_hot_accepts_exactly_the_argmax() -> None:
     assert (n, nxt) == (2, 1)
     n, nxt = verify_draft(p, torch.tensor([2, 4, 1]), torch.eye(V)[[2, 4, 1]], None)
     assert (n, nxt) == (3, 5)
+
+
+def test_greedy_shortcut_equals_the_one_hot_rule() -> None:
+    """The worker's T = 0 path (``verify_greedy`` on the argmax) gives the verdict and α of the
+    general rule on one-hot p and q, and the cloud-only argmax the token that sampling the one-hot
+    distribution gives, on logits with many ties (small integers) and drafts near the argmax."""
+    gen = torch.Generator().manual_seed(7)
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=3)
+    for trial in range(400):
+        gamma = 1 + trial % 6
+        logits = torch.randint(0, 3, (gamma + 1, V), generator=gen).float()  # ties everywhere
+        p = logits_to_probs(logits, greedy)
+        best = logits.argmax(dim=-1)
+        draft = best[:gamma].clone()
+        flips = torch.rand(gamma, generator=gen) < 0.3
+        draft[flips] = torch.randint(0, V, (int(flips.sum()),), generator=gen)
+        q = torch.eye(V)[draft]
+        want = verify_draft(p, draft, q, uniform=lambda i, purpose: position_uniform(3, 50 + i, purpose))
+        got = verify_greedy(best.tolist(), draft.tolist())
+        assert got == want
+        judged = min(got[0] + 1, gamma)
+        assert expected_acceptance(p[:judged], q[:judged]).tolist() == [
+            1.0 if i < got[0] else 0.0 for i in range(judged)
+        ]
+        u = position_uniform(3, trial, PURPOSE_TARGET)
+        assert sample_from_probs(p[-1], u) == int(logits[-1].argmax())
 
 
 def test_identical_draft_is_always_accepted() -> None:
