@@ -42,11 +42,71 @@ def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A fresh DynamicCache holding ``kv`` (per layer keys/values ``[B, H, L, D]``)."""
+    """A fresh DynamicCache holding ``kv`` (per layer keys/values ``[B, H, L, D]``) as they are:
+    the tensors are adopted, not copied (``DynamicCache.update`` would copy each one)."""
     cache = DynamicCache()
     for layer, (k, v) in enumerate(kv):
-        cache.update(k, v, layer)
+        cache.update(k[..., :0, :], v[..., :0, :], layer)  # makes the layer, empty
+        if hasattr(cache, "layers"):  # transformers >= 4.56
+            cache.layers[layer].keys, cache.layers[layer].values = k, v
+        else:  # pragma: no cover - older releases
+            cache.key_cache[layer], cache.value_cache[layer] = k, v
     return cache
+
+
+def _one_shape(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Every layer's keys and values have one shape and dtype: they can be copied as one tensor."""
+    k0 = kv[0][0]
+    return all(t.shape == k0.shape and t.dtype == k0.dtype for pair in kv for t in pair)
+
+
+def _launch_bound(t: torch.Tensor) -> bool:
+    """Whether copies on ``t``'s device cost a launch each more than their bytes (not a CPU)."""
+    return t.device.type != "cpu"
+
+
+def _stack(rows: list[Row], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], p: int) -> DynamicCache:
+    """The rows' caches left-padded to ``p`` positions and stacked: per layer ``[B, H, P, D]``,
+    adopted by the batch's cache as they are (no second copy).
+
+    On a GPU, where each copy is a kernel launch and per layer and row they cost as much as the
+    model's forward at 8 rows (docs/BENCHMARKS.md §4.8), and where all layers share one shape
+    (Llama, Qwen2, ...), the rows go into one ``[2L, B, H, P, D]`` buffer whose per-layer views
+    the model reads, two operations a row (its 2·L tensors stacked, then written) instead of 2·L.
+    On a CPU copies cost bytes, and one large buffer costs fresh pages every forward: there each
+    layer has its own buffer and each tensor is copied once."""
+    template = next(kv for kv in kvs if kv)
+    b, k0 = len(rows), template[0][0]
+    if _launch_bound(k0) and _one_shape(template):
+        layers, (_, h, _, d) = len(template), k0.shape
+        buf = k0.new_zeros((2 * layers, b, h, p, d))  # layer l: keys at 2l, values at 2l + 1
+        for i, (r, kv) in enumerate(zip(rows, kvs, strict=True)):
+            if r.cache_len:
+                src = [t[0, :, : r.cache_len] for pair in kv for t in pair]  # 2L × [H, n, D]
+                buf[:, i, :, p - r.cache_len :].copy_(torch.stack(src))
+        return cache_of([(buf[2 * layer], buf[2 * layer + 1]) for layer in range(layers)])
+    stacked = []
+    for layer, (k0, v0) in enumerate(template):
+        keys = k0.new_zeros((b, k0.shape[1], p, k0.shape[3]))  # [B, H, P, D]
+        values = v0.new_zeros((b, v0.shape[1], p, v0.shape[3]))  # [B, H, P, D]
+        for i, (r, kv) in enumerate(zip(rows, kvs, strict=True)):
+            if r.cache_len:
+                keys[i, :, p - r.cache_len :] = kv[layer][0][0, :, : r.cache_len]
+                values[i, :, p - r.cache_len :] = kv[layer][1][0, :, : r.cache_len]
+        stacked.append((keys, values))
+    return cache_of(stacked)
+
+
+def _split(grown: list[tuple[torch.Tensor, torch.Tensor]], i: int, start: int, end: int) -> DynamicCache:
+    """Row ``i``'s positions ``start:end`` of the batch's grown cache, as its own DynamicCache
+    (memory it owns alone). On a GPU with one layer shape, one copy for the row (its 2·L slices
+    stacked into one tensor, the layers views of it); else one copy per layer."""
+    if _launch_bound(grown[0][0]) and _one_shape(grown):
+        mine = torch.stack([t[i : i + 1, :, start:end] for pair in grown for t in pair])  # [2L, 1, H, n, D]
+        return cache_of([(mine[2 * layer], mine[2 * layer + 1]) for layer in range(len(grown))])
+    return cache_of(
+        [(kk[i : i + 1, :, start:end].clone(), vv[i : i + 1, :, start:end].clone()) for kk, vv in grown]
+    )
 
 
 class _Phases:
@@ -111,19 +171,7 @@ def forward_rows(
         # padding queries continue the row's positions: they attend to real keys only, so no row is all -inf
         pos[i] = torch.arange(r.cache_len, r.cache_len + k)
     kvs = [layer_kv(r.cache) for r in rows]
-    template = next((kv for kv in kvs if kv), None)
-    past = DynamicCache()
-    if template is not None and p > 0:
-        stacked = []
-        for layer, (k0, v0) in enumerate(template):
-            keys = k0.new_zeros((b, k0.shape[1], p, k0.shape[3]))  # [B, H, P, D]
-            values = v0.new_zeros((b, v0.shape[1], p, v0.shape[3]))  # [B, H, P, D]
-            for i, (r, kv) in enumerate(zip(rows, kvs, strict=True)):
-                if r.cache_len:
-                    keys[i, :, p - r.cache_len :] = kv[layer][0][0, :, : r.cache_len]
-                    values[i, :, p - r.cache_len :] = kv[layer][1][0, :, : r.cache_len]
-            stacked.append((keys, values))
-        past = cache_of(stacked)
+    past = _stack(rows, kvs, p) if p > 0 and any(kvs) else DynamicCache()
     phase.mark("stack")
     out = model(
         input_ids=ids.to(dev),
@@ -141,15 +189,7 @@ def forward_rows(
     for i, r in enumerate(rows):
         n = len(r.tokens)
         # this row's real positions: its own cache (left-padded) then its n new tokens
-        r.cache = cache_of(
-            [
-                (
-                    kk[i : i + 1, :, p - r.cache_len : p + n].clone(),
-                    vv[i : i + 1, :, p - r.cache_len : p + n].clone(),
-                )
-                for kk, vv in grown
-            ]
-        )
+        r.cache = _split(grown, i, p - r.cache_len, p + n)
         r.cache_len += n
         result.append(logits[i][:n])  # [n, V] (when skipped: the padded last position, unused)
     phase.mark("split")

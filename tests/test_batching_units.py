@@ -56,6 +56,39 @@ def test_padded_forward_equals_single_forwards(target) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("launch_bound", [False, True], ids=["cpu-copies", "gpu-copies"])
+@pytest.mark.parametrize("dims", [(8, 8, 8), (8, 4, 8)], ids=["one-shape", "mixed-shapes"])
+def test_stack_and_split_copy_each_rows_positions_exactly(dims, launch_bound, monkeypatch) -> None:
+    """The caches are stacked left-padded and split back exactly: on a GPU with one layer shape
+    through one buffer whose views the layers are (one stacked copy per row), else per layer."""
+    from cloud_worker import batching
+    from cloud_worker.batching import _split, _stack, cache_of, layer_kv
+
+    monkeypatch.setattr(batching, "_launch_bound", lambda t: launch_bound)
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 0, 2]
+    caches = [cache_of([(torch.randn(1, 2, n, d, generator=gen), torch.randn(1, 2, n, d, generator=gen)) for d in dims]) if n else DynamicCache() for n in lengths]  # fmt: skip
+    rows = [Row(c, n, [1]) for c, n in zip(caches, lengths, strict=True)]
+    kvs = [layer_kv(c) for c in caches]
+    past = layer_kv(_stack(rows, kvs, 5))
+    for layer, (keys, values) in enumerate(past):
+        assert keys.shape == (3, 2, 5, dims[layer])
+        for i, n in enumerate(lengths):
+            assert not keys[i, :, : 5 - n].any() and not values[i, :, : 5 - n].any()  # padding
+            if n:
+                assert torch.equal(keys[i, :, 5 - n :], kvs[i][layer][0][0])
+                assert torch.equal(values[i, :, 5 - n :], kvs[i][layer][1][0])
+    row0 = _split(past, 0, 0, 5)
+    assert row0.get_seq_length() == 5
+    for (k, v), (k0, v0) in zip(layer_kv(row0), kvs[0], strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+        assert k.untyped_storage().data_ptr() != past[0][0].untyped_storage().data_ptr()  # its own memory
+    row2 = _split(past, 2, 3, 5)
+    for (k, _), (k2, _) in zip(layer_kv(row2), kvs[2], strict=True):
+        assert torch.equal(k, k2)
+
+
 @pytest.mark.parametrize("pattern", [(True,), (True, True, True), (True, False, True, False), (False, False)])
 def test_greedy_rows_get_the_argmax_of_their_logits(target, pattern) -> None:
     """A greedy row (T = 0) gets its positions' argmax ids, taken where the model runs, instead of
