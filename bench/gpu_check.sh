@@ -12,7 +12,8 @@
 #      fleet run's recordings.json; spececd-bench --fleet-acceptance).
 #
 # Run from the repository root on a machine with python3, torch (CUDA) and transformers. Set-up
-# for a machine with no network, from a kit folder ($GPU_KIT, default .gpu) made beforehand:
+# for a machine with no network, from a kit folder ($GPU_KIT, default .gpu) that
+# bench/gpu_kit.sh makes beforehand, on a machine with the network and the demo pair:
 #   $GPU_KIT/whl/*.whl          Python wheels to install into /tmp/site (paho-mqtt, cbor2)
 #   $GPU_KIT/deb/*.deb          Mosquitto's Debian packages (unpacked, run through a wrapper),
 #   $GPU_KIT/deb-fallback/*.deb libraries Mosquitto needs that the machine may lack (libnsl, ...)
@@ -32,7 +33,7 @@ MAX_NEW=${MAX_NEW:-48}
 NUM_PROMPTS=${NUM_PROMPTS:-10}
 FLEET_NS=${FLEET_NS:-1,2,4,8,16}
 FLEET_SECONDS=${FLEET_SECONDS:-8}
-VC_BATCHES=${VC_BATCHES:-1,2,4,8,16,32}
+VC_BATCHES=${VC_BATCHES:-1,2,4,8,16}  # 32 ran past the parts' limits on an H200
 VC_POSITIONS=${VC_POSITIONS:-1,3,5}
 VC_CACHE=${VC_CACHE:-512}
 VC_REPEAT=${VC_REPEAT:-10}
