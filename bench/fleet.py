@@ -151,21 +151,17 @@ def record_transplanted(
     longest = max(len(m.msg.tok) for r in accepted.values() for m in r.steps)
     # this target's greedy continuation, a block past the generation (the last round's next token)
     longer = argparse.Namespace(**{**vars(args), "max_new_tokens": args.max_new_tokens + longest + 1})
-    conts = {
-        r.prompt: r
-        for r in record_all(link, target, prompts, longer, draft_spec, target_spec, ["cloud-only"])
-    }
-    clouds = record_all(link, target, prompts, args, draft_spec, target_spec, ["cloud-only"])
+    conts = record_all(link, target, prompts, longer, draft_spec, target_spec, ["cloud-only"])
     recs = []
     if "speculative" in modes:
-        for cloud in clouds:
+        for cont in conts:  # its open is this target's (transplant takes max_new from the acceptance)
             try:
-                recs.append(transplant(accepted[cloud.prompt], conts[cloud.prompt].tokens, cloud.open,
+                recs.append(transplant(accepted[cont.prompt], cont.tokens, cont.open,
                                        eos_ids=target.eos_token_ids, vocab_size=target.vocab_size))  # fmt: skip
             except ValueError as exc:
                 raise FleetUsageError(f"--fleet-acceptance: {exc}") from exc
     if "cloud-only" in modes:
-        recs.extend(clouds)
+        recs.extend(record_all(link, target, prompts, args, draft_spec, target_spec, ["cloud-only"]))
     return recs
 
 

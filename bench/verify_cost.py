@@ -126,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     models = {}
     for kernel in args.cpu_linear:  # one copy of the model per kernel choice
-        loaded = (
-            _random_model(args)
-            if args.random
-            else load_model(args.model, device=args.device, dtype=args.dtype)
-        )
+        try:
+            loaded = (
+                _random_model(args)
+                if args.random
+                else load_model(args.model, device=args.device, dtype=args.dtype)
+            )
+        except (OSError, ValueError) as exc:  # a missing config.json, a bad --device/--dtype
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if kernel == "onednn":
             use_onednn_linears(loaded.model)
         models[kernel] = loaded.model

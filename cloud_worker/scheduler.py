@@ -120,6 +120,11 @@ class Scheduler:
         """The most model time (s) an idle device may be behind the others when it comes back."""
         return CREDIT_FORWARDS * self._forward_s
 
+    def _busy_floor(self) -> float:
+        """The least model time of the devices with work (the worker's virtual time when none has)."""
+        busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
+        return min(busy) if busy else self._vnow
+
     def push(self, job: Job, *, front: bool = False) -> bool:
         """Queue ``job`` behind its session's others (``front``: a continuing step, before them).
         False (not queued) when the session already has ``MAX_QUEUED_PER_SESSION`` jobs waiting."""
@@ -137,8 +142,7 @@ class Scheduler:
                     self._seen.pop(idle, None)
             turn = self.devices.setdefault(job.device, deque())
             if not turn:  # the device comes back from idle (or is new): at most ``credit`` behind
-                busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
-                floor = (min(busy) if busy else self._vnow) - self.credit
+                floor = self._busy_floor() - self.credit
                 self.vtime[job.device] = max(self.vtime.get(job.device, floor), floor)
             turn.append(job.key)
         if front:
@@ -173,10 +177,9 @@ class Scheduler:
         lead the next forward if its request were here: it has less model time than every device
         with work. Waiting briefly for them keeps a device that is between rounds from losing its
         turn to an expensive forward of a device that is ahead."""
-        busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
-        if not busy:
+        if not any(self.devices.values()):
             return set()
-        ahead = min(busy)
+        ahead = self._busy_floor()
         return {
             key for key in keys if key not in self.queues and self.vtime.get(key_device(key), 0.0) < ahead
         }
@@ -216,8 +219,7 @@ class Scheduler:
         its device (``charge_wait``), so a device that comes back quickly for a while and then
         late, over and over, buys those waits with its own share of the worker."""
         limit = REJOIN_SHARE * self._forward_s
-        busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
-        cutoff = (min(busy) if busy else self._vnow) + self.credit
+        cutoff = self._busy_floor() + self.credit
         due = {
             key: gap.expected
             for key in keys

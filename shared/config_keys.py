@@ -239,9 +239,8 @@ def _or_auto(numbers: Parser) -> Parser:
     return _described(parse, allowed)
 
 
-_GAMMA = _or_auto(
-    _int(1, MAX_GAMMA)
-)  # "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
+# "auto": the edge's γ controller picks each round (edge_agent/gamma.py)
+_GAMMA = _or_auto(_int(1, MAX_GAMMA))
 DEFAULT_MAX_SESSIONS = 64  # the worker's sessions kept; cloud_worker and the bench use this one
 MAX_BODY_BYTES = 1 << 20
 KEYS: dict[str, _Key] = {

@@ -246,7 +246,7 @@ def test_verify_cost_bench_runs(tmp_path) -> None:
         assert set(k["rows"][1]["phases_ms"]) == {"stack", "model", "logits", "split"}
 
 
-def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path) -> None:
+def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path, capsys) -> None:
     from bench import verify_cost
 
     folder = make_tiny_model_dir(tmp_path / "m", arch="llama", seed=1)
@@ -255,6 +255,9 @@ def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path) -> None:
     assert verify_cost.main(["--model", str(folder), "--random", "--greedy", "--batches", "2", "--positions", "3", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch", "--json", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())
     assert report["random_weights"] and report["greedy"] and report["device"] == "cpu"
+    # a folder without a config.json: a clear error, not a traceback
+    assert verify_cost.main(["--model", str(tmp_path), "--random"]) == 2
+    assert "no config.json" in capsys.readouterr().err
     assert [(r["B"], r["k"]) for r in report["kernels"]["torch"]["rows"]] == [(2, 3)]
 
 
