@@ -32,6 +32,7 @@ from bench.fleet_stats import (
     RssSampler,
     add_forward_figures,
     forward_counts,
+    padded_per_forward,
     proc_cpu_s,
     proc_rss_mb,
     rss_drift,
@@ -175,7 +176,9 @@ def run_cell(replayer: Replayer, recs: list, *, n: int, mode: str, seconds: floa
     t0, t1 = replayer.run(plan, duration_s=seconds, min_rounds=MIN_ROUNDS)
     cpu_w, cpu_r = proc_cpu_s(worker_pid) - cpu_w0, time.process_time() - cpu_r0
     cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode)
-    add_forward_figures(cell, forward_counts(before, scrape(metrics_url)))
+    after = scrape(metrics_url)
+    add_forward_figures(cell, forward_counts(before, after))
+    cell["padded_per_forward"] = padded_per_forward(before, after)
     rounds = max(1, len([r for r in replayer.rounds if r.kind != "open"]))
     wall = time.perf_counter() - t0  # the window plus the drain: what both CPU figures cover
     cell.update(

@@ -14,6 +14,12 @@ _COLOR = {"speculative": "tab:blue", "cloud-only": "tab:red"}
 _LINES = ("-", "--", ":", "-.")  # one per worker configuration
 
 
+def _padded(cell: dict) -> str:
+    """ " (P)": the mean padded positions of the cell's forwards, when the worker exports them."""
+    p = cell.get("padded_per_forward")
+    return f" ({p})" if p is not None else ""
+
+
 def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     """Server committed tokens/s against N, one line per (worker configuration, mode)."""
     if not cells:
@@ -138,7 +144,7 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
         out.append(f"- worker `{name}`: `spececd-worker {flags}`".rstrip())
     if cells:
         out += ["", "| worker | mode | N | server tok/s | session tok/s (min–max) | round p50 / p99 ms | "
-                "queue / non-compute p50 ms | fwd / token | pos / fwd | replayer / worker CPU ms per round | worker busy | "
+                "queue / non-compute p50 ms | fwd / token | pos / fwd (padded) | replayer / worker CPU ms per round | worker busy | "
                 "mismatches | errors |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in cells:
@@ -146,7 +152,7 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
             out.append(
                 f"| {c['worker']} | {c['mode']} | {c['n']} | {c['server_tokens_per_s']:.2f} | "
                 f"{s['mean']} ({s['min']}–{s['max']}) | {c['round_ms']['p50']} / {c['round_ms']['p99']} | "
-                f"{c['queue_ms_p50']} / {c['noncompute_ms_p50']} | {c['forwards_per_token']} | {c['positions_per_forward']} | "
+                f"{c['queue_ms_p50']} / {c['noncompute_ms_p50']} | {c['forwards_per_token']} | {c['positions_per_forward']}{_padded(c)} | "
                 f"{c['replayer_cpu_ms_per_round']} / {c['worker_cpu_ms_per_round']} | {c['worker_busy']} | "
                 f"{c['mismatches']} | {c['errors']} |"
             )

@@ -98,7 +98,7 @@ def scrape(url: str | None) -> dict[str, float]:
 def forward_counts(before: dict[str, float], after: dict[str, float]) -> tuple[float, float, str] | None:
     """(target forwards, positions in them, metric names) during a cell, from the worker's metrics
     when it exports forward counts (a counter or histogram named ``*forward*``); else None."""
-    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if "padded" not in k}
     fwd = [k for k in delta if "forward" in k and k.endswith("_count") and "position" in k]
     fwd += [k for k in delta if "forward" in k and k.endswith("_total") and "position" not in k]
     pos = [k for k in delta if "position" in k and k.endswith("_sum")]
@@ -107,6 +107,15 @@ def forward_counts(before: dict[str, float], after: dict[str, float]) -> tuple[f
     n_fwd = delta[fwd[0]]
     n_pos = delta[pos[0]] if pos else float("nan")
     return n_fwd, n_pos, ", ".join([fwd[0], *pos[:1]])
+
+
+def padded_per_forward(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Mean padded positions (rows × widest row) of the cell's forwards, from the worker's
+    ``*forward_padded`` histogram when it exports one; else None."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if "forward_padded" in k}
+    n = next((v for k, v in delta.items() if k.endswith("_count")), 0.0)
+    total = next((v for k, v in delta.items() if k.endswith("_sum")), None)
+    return round(total / n, 3) if n > 0 and total is not None else None
 
 
 def _pct(vals: list[float], q: float) -> float | None:

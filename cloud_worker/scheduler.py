@@ -15,12 +15,20 @@ and one that had the worker to itself is not made to pay for it when another arr
 of long drafts is charged what its forwards cost and waits while the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
-round again, until the forward is full. A padded forward costs rows × its widest row, so no row
-rides in a forward more than twice its own length or 3 positions past it, whichever is more (a
-3-token draft is never padded to a 64-token one or to a prefill, and drafts of mixed small γ
-still go together: a 2-position block rides with a 5-position one, a few padded positions
-against a whole forward's wait); an open's prefill beside
-others is cut to the current width. While several devices have (or just had) work, the leader's
+round again, until the forward is full. A padded forward computes rows × its widest row, and
+what padding costs depends on the hardware: on a CPU a forward's time grows with every padded
+position, on a GPU it is nearly flat up to hundreds of positions (docs/BENCHMARKS.md §4.8). So
+the width rule (``width_rule``):
+
+- ``cost`` (the default): a row rides when the padded forward is predicted to cost at most
+  ``PAD_WASTE`` more than a forward of the same rows' real positions would, read off the
+  worker's own measured forwards (:class:`ForwardCost`). An open's prefill beside others takes
+  the widest chunk that passes. Where the measurements cannot say yet (a new worker, a width
+  well past any measured), the ``ratio`` rule decides; from there the measured widths grow.
+- ``ratio``: no row rides in a forward more than twice its own length or 3 positions past it,
+  whichever is more (a 3-token draft is never padded to a 64-token one or to a prefill, and
+  drafts of mixed small γ still go together: a 2-position block rides with a 5-position one);
+  an open's prefill beside others is cut to the current width. While several devices have (or just had) work, the leader's
 rows beyond its first stay within its share of ``max_tokens`` (a leading prefill is cut to that
 share), and a rider's beyond its first within what the leader holds: a device ahead in model
 time cannot lengthen the forward of one behind.
@@ -32,6 +40,8 @@ fit (the rest is its next step).
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -51,6 +61,9 @@ REJOIN_MARGIN = 2.0  # ... a session's return is expected within its mean gap + 
 REJOIN_SLACK_S = 0.005  # ... and this much more (the broker's and the intake's own delay)
 GAP_FORGET = 0.8  # weight kept by a session's old return gaps at each new one
 MAX_GAPS = 4096  # sessions whose return gap is remembered
+WIDTH_RULES = ("cost", "ratio")
+PAD_WASTE = 0.25  # width rule "cost": padding may make a forward at most this much slower
+COST_SMOOTHING = 0.3  # weight of a new forward time in its bucket's mean (ForwardCost)
 
 
 class _Gap:
@@ -94,12 +107,17 @@ class Scheduler:
         *,
         max_tokens: int = 512,
         max_sessions: int = 32,
+        width_rule: str = "cost",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_tokens < 1 or max_sessions < 1:
             raise ValueError("max_tokens and max_sessions must be >= 1")
+        if width_rule not in WIDTH_RULES:
+            raise ValueError(f"width_rule must be one of {', '.join(WIDTH_RULES)}, got {width_rule!r}")
         self.max_tokens = max_tokens
         self.max_sessions = max_sessions
+        self.width_rule = width_rule
+        self.cost = ForwardCost()  # this worker's batched forwards: seconds by padded positions
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
         self._queued = 0
@@ -232,6 +250,25 @@ class Scheduler:
             return set(), 0.0
         return set(due), min(limit, max(due.values()) + REJOIN_SLACK_S)
 
+    def missing(self, awaited: set[str], before: set[str]) -> set[str]:
+        """Those of ``awaited`` (sessions waited for) not back yet. A session of the same device
+        queued since the wait began (not in ``before``, the sessions queued then) stands in for
+        one of them: an edge's next generation opens a new session, so the session a
+        generation's last answer went to never comes back, its device does (one new session
+        for one awaited session)."""
+        queued = self.queues.keys()
+        gone: dict[str, list[str]] = {}
+        for key in sorted(awaited - queued):
+            gone.setdefault(key_device(key), []).append(key)
+        if not gone:
+            return set()
+        new: dict[str, int] = {}
+        for key in queued - before - awaited:
+            device = key_device(key)
+            if device in gone:
+                new[device] = new.get(device, 0) + 1
+        return {key for device, keys in gone.items() for key in keys[new.get(device, 0) :]}
+
     def charge_wait(self, keys: set[str], seconds: float) -> None:
         """The worker waited ``seconds`` for sessions ``keys`` and they did not come: charge the
         wait to their devices' model time, split evenly (idle model time is model time)."""
@@ -252,12 +289,15 @@ class Scheduler:
         """A running mean of a forward's wall time (s)."""
         return self._forward_s
 
-    def charge(self, seconds: float) -> None:
-        """Charge the last selected forward's wall time to its devices, by real positions."""
+    def charge(self, seconds: float, *, measured: bool = True) -> None:
+        """Charge the last selected forward's wall time to its devices, by real positions;
+        ``measured``: the forward ran to the end, so its time is also a cost measurement."""
         rows, self.last_rows = self.last_rows, []
         total = sum(k for _, k in rows)
         if not total or seconds < 0:
             return
+        if measured and len(rows) > 1:  # a single row runs unpadded: another path, another cost
+            self.cost.add(len(rows) * max(k for _, k in rows), seconds)
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for device, k in rows:
             self.vtime[device] = self.vtime.get(device, 0.0) + seconds * k / total
@@ -279,7 +319,12 @@ class Scheduler:
         # stable: equal virtual times keep the round-robin order
         order = sorted(self.devices, key=lambda d: self.vtime.get(d, 0.0))
         batch: list[tuple[Job, Step]] = []
-        fit = _Fit(self.max_tokens, fair, alone=len(self._seen) <= 1)
+        fit = _Fit(
+            self.max_tokens,
+            fair,
+            alone=len(self._seen) <= 1,
+            cost=self.cost if self.width_rule == "cost" else None,
+        )
         taken: set[str] = set()
         served: list[str] = []
         progress = True
@@ -324,16 +369,81 @@ class Scheduler:
 
 
 def _widest_for(k: int) -> int:
-    """The widest forward a row of ``k`` positions may be padded into."""
+    """The widest forward a row of ``k`` positions may be padded into (width rule ``ratio``)."""
     return max(WIDTH_RATIO * k, k + WIDTH_SLACK)
+
+
+class ForwardCost:
+    """What a batched forward (two rows or more) costs this worker, in seconds, against its
+    padded positions (rows × widest row), learned from its own forwards: a smoothed mean per
+    bucket of positions (exact up to 16, then eight buckets an octave), read between buckets
+    along a line and as a non-decreasing curve.
+
+    It says nothing (None) before two buckets were measured, or for positions more than twice
+    past the widest measured: there it would be a guess, and the width rule falls back to
+    ``ratio``. Up to twice past, it extends the last measured segment, so a worker whose forward
+    is flat (a GPU) tries wider forwards and so measures them, and one whose cost climbs (a CPU)
+    does not. The positions' cache lengths are left out: at a session's few hundred cached
+    tokens a forward's cost is set by its rows and new positions (docs/BENCHMARKS.md §4.4)."""
+
+    MAX_BUCKETS = 256
+
+    def __init__(self) -> None:
+        self._mean: dict[int, float] = {}  # bucket (its lowest positions) -> mean seconds
+
+    @staticmethod
+    def bucket(positions: int) -> int:
+        if positions <= 16:
+            return max(1, positions)
+        return round(2 ** (math.floor(math.log2(positions) * 8) / 8))
+
+    def add(self, positions: int, seconds: float) -> None:
+        key = self.bucket(positions)
+        old = self._mean.get(key)
+        if old is None:
+            if len(self._mean) >= self.MAX_BUCKETS:
+                return
+            self._mean[key] = seconds
+        else:
+            self._mean[key] = old + COST_SMOOTHING * (seconds - old)
+
+    def seconds(self, positions: int) -> float | None:
+        """The predicted time of a batched forward over ``positions`` padded positions, or None."""
+        if len(self._mean) < 2:
+            return None
+        keys = sorted(self._mean)
+        curve, top = [], 0.0  # the non-decreasing envelope of the measured means
+        for key in keys:
+            top = max(top, self._mean[key])
+            curve.append(top)
+        x = self.bucket(positions)
+        if x > 2 * keys[-1]:
+            return None
+        if x <= keys[0]:
+            return curve[0]
+        i = bisect.bisect_left(keys, x)
+        if i < len(keys) and keys[i] == x:
+            return curve[i]
+        lo = i - 1 if i < len(keys) else len(keys) - 2  # beyond the last: extend the last segment
+        hi = lo + 1
+        slope = (curve[hi] - curve[lo]) / (keys[hi] - keys[lo])
+        return curve[lo] + slope * (x - keys[lo])
+
+    def padding_pays(self, rows: int, width: int, real: int) -> bool | None:
+        """Whether ``rows`` rows padded to ``width`` cost at most ``PAD_WASTE`` more than a
+        forward of their ``real`` positions; None where the measurements cannot say."""
+        padded, unpadded = self.seconds(rows * width), self.seconds(real)
+        if padded is None or unpadded is None:
+            return None
+        return padded <= (1.0 + PAD_WASTE) * unpadded
 
 
 class _Fit:
     """The rows of one forward so far, and whether another fits (module docstring)."""
 
-    def __init__(self, max_tokens: int, fair: int, *, alone: bool) -> None:
-        self.max_tokens, self.fair, self.alone = max_tokens, fair, alone
-        self.rows = self.width = self.narrowest = 0
+    def __init__(self, max_tokens: int, fair: int, *, alone: bool, cost: ForwardCost | None = None) -> None:
+        self.max_tokens, self.fair, self.alone, self.cost = max_tokens, fair, alone, cost
+        self.rows = self.width = self.narrowest = self.real = 0
         self.used: dict[str, int] = {}
         self.leader = ""
 
@@ -350,22 +460,47 @@ class _Fit:
             self.narrowest = k
             self.leader = device
         else:
-            if job.prefill and k > self.width:  # beside others: never widens the forward
-                k = max(self.width, 1)
-            width = max(self.width, k)
-            if (
-                width > _widest_for(min(k, self.narrowest))
-                or (self.rows + 1) * width > self.max_tokens
-                or (self.used.get(device, 0) and self.used[device] + k > self._share(device))
-            ):
+            if job.prefill and k > self.width:  # beside others: the widest chunk that still fits
+                k = self._prefill_width(k, device)
+            if not self._fits(k, device):
                 return None
             if job.prefill:
                 del tokens[k:]
         self.rows += 1
         self.width = max(self.width, k)
         self.narrowest = min(self.narrowest, k)
+        self.real += k
         self.used[device] = self.used.get(device, 0) + k
         return k
+
+    def _fits(self, k: int, device: str, *, measured: bool = False) -> bool:
+        """Whether a row of ``k`` positions fits; ``measured``: only if the costs say so (a
+        prefill widens the forward on measurements only, never under the ratio rule)."""
+        width = max(self.width, k)
+        if (self.rows + 1) * width > self.max_tokens:
+            return False
+        if self.used.get(device, 0) and self.used[device] + k > self._share(device):
+            return False
+        pays = None if self.cost is None else self.cost.padding_pays(self.rows + 1, width, self.real + k)
+        if pays is None:  # width rule "ratio", or the costs cannot say yet
+            return not measured and width <= _widest_for(min(k, self.narrowest))
+        return pays
+
+    def _prefill_width(self, k: int, device: str) -> int:
+        """The chunk of a ``k``-token prefill riding beside the rows so far: under the rule
+        ``cost``, the longest that fits (the costs grow with the width, so a binary search);
+        else (or when none longer does) the current width, so it never widens the forward."""
+        floor = max(self.width, 1)
+        if self.cost is None or not self._fits(floor + 1, device, measured=True):
+            return floor
+        lo, hi = floor + 1, min(k, self.max_tokens // (self.rows + 1))
+        while lo < hi:  # the longest chunk in [lo, hi] that fits; lo always does
+            mid = (lo + hi + 1) // 2
+            if self._fits(mid, device, measured=True):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _share(self, device: str) -> int:
         """The most positions ``device`` may hold in this forward beyond its first row: the

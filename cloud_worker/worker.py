@@ -68,6 +68,7 @@ class Worker(Intake):
         max_batch_tokens: int = 512,
         max_batch_sessions: int = 32,
         batch_window_ms: float | str = "auto",
+        width_rule: str = "cost",
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
@@ -82,7 +83,9 @@ class Worker(Intake):
             max_cached_tokens=max_cached_tokens,
             max_sessions_per_device=max_sessions_per_device,
         )
-        self.scheduler = Scheduler(max_tokens=max_batch_tokens, max_sessions=max_batch_sessions)
+        self.scheduler = Scheduler(
+            max_tokens=max_batch_tokens, max_sessions=max_batch_sessions, width_rule=width_rule
+        )
         self.rejoin_auto = batch_window_ms == REJOIN_AUTO
         self.batch_window_s = 0.0 if self.rejoin_auto else max(0.0, float(batch_window_ms)) / 1e3
         self.fair_wait_s = max(0.0, fair_wait_ms) / 1e3
@@ -201,7 +204,8 @@ class Worker(Intake):
           ``fair_wait_ms``, at most a quarter of a mean forward, so a device between rounds does
           not lose its turn to an expensive forward of a device that is ahead.
 
-        Returns as soon as the awaited sessions are all back."""
+        Returns as soon as the awaited sessions are all back, a new session of the same device
+        standing in for one that is not (an edge's next generation opens a new session)."""
         answered, self._answered_keys = self._answered_keys, set()
         if self.batch_window_s:
             awaited, window = answered, self.batch_window_s
@@ -213,8 +217,9 @@ class Worker(Intake):
                 awaited, window = awaited | back, max(window, wait)
         start = time.monotonic()
         deadline = start + window
+        before = set(self.scheduler.queues)
         while (
-            awaited - self.scheduler.queues.keys()
+            self.scheduler.missing(awaited, before)
             and len(self.scheduler) < self.scheduler.max_sessions
             and time.monotonic() < deadline
             and not self._stopping
@@ -223,7 +228,7 @@ class Worker(Intake):
                 self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        if self.rejoin_auto and (missing := awaited - self.scheduler.queues.keys()):
+        if self.rejoin_auto and (missing := self.scheduler.missing(awaited, before)):
             # waited for in vain: the wait is charged to their devices' model time (Scheduler.rejoining)
             self.scheduler.charge_wait(missing, time.monotonic() - start)
 
@@ -258,7 +263,7 @@ class Worker(Intake):
         try:
             results = self.verifier.run([step for _, step in batch])
         except Exception as exc:  # the sessions are as they were: their edges may retry
-            self.scheduler.charge(time.perf_counter() - started)
+            self.scheduler.charge(time.perf_counter() - started, measured=False)
             log.exception("target forward over %d sessions failed", len(batch))
             for job, _ in batch:
                 self._count("internal")
@@ -279,7 +284,8 @@ class Worker(Intake):
             )
         jobs = dict((id(step), job) for job, step in batch)
         self._answered_keys = {job.key for job, step in batch if not step.more}
-        self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0)
+        padded = len(rows) * max((k for _, k in rows), default=0)
+        self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0, padded)
         for step, replies in results:
             job = jobs[id(step)]
             for reply in replies:

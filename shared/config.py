@@ -147,6 +147,7 @@ class WorkerConfig:
     max_batch_tokens: int = 512
     max_batch_sessions: int = 32
     batch_window_ms: float | str = "auto"  # or ms
+    width_rule: str = "cost"
     fair_wait_ms: float = 20.0
     max_cached_tokens: int = 1 << 20
     max_sessions_per_device: int = 0
@@ -416,6 +417,7 @@ _WORKER_BATCH_KEYS = (
     "max_batch_tokens",
     "max_batch_sessions",
     "batch_window_ms",
+    "width_rule",
     "fair_wait_ms",
     "max_cached_tokens",
     "max_sessions_per_device",

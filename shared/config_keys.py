@@ -365,6 +365,14 @@ KEYS: dict[str, _Key] = {
             "within half a forward, or up to this many ms for all (0 = take what is queued)",
         ),
         _Key(
+            "width_rule",
+            _W,
+            _choice("cost", "ratio"),
+            "cost",
+            "which rows share a padded forward: 'cost' while the worker's measured forwards say the "
+            "padding costs at most a quarter more, 'ratio' up to twice a row's length or 3 past it",
+        ),
+        _Key(
             "fair_wait_ms",
             _W,
             _float(0.0, 10_000.0),

@@ -152,6 +152,12 @@ class WorkerMetrics:
             buckets=POSITION_BUCKETS,
             registry=r,
         )
+        self.forward_padded = Histogram(
+            p + "forward_padded",
+            "Padded positions (rows x widest row: what the forward computes) in one target forward.",
+            buckets=POSITION_BUCKETS,
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             p + "queue_wait_seconds",
             "Wait of a request (or of a decode's next step) from arrival to its forward.",
@@ -211,10 +217,12 @@ class WorkerMetrics:
         """A session's KV cache was evicted."""
         self.evictions.inc()
 
-    def forward(self, sessions: int, positions: int) -> None:
-        """One target forward over ``sessions`` sessions and ``positions`` tokens fed."""
+    def forward(self, sessions: int, positions: int, padded: int | None = None) -> None:
+        """One target forward over ``sessions`` sessions and ``positions`` tokens fed, padded to
+        ``padded`` positions (rows × widest row; the same as ``positions`` for one row)."""
         self.forward_sessions.observe(sessions)
         self.forward_positions.observe(positions)
+        self.forward_padded.observe(positions if padded is None else padded)
 
     def queue_wait(self, seconds: float) -> None:
         """A request (or a decode's next step) waited ``seconds`` for its forward."""

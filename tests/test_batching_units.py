@@ -552,3 +552,116 @@ def test_a_continuing_step_is_not_a_return() -> None:
     assert sched.gap_s("a/s") is None
     sched.push(_arriving("a", "s", 10.3))
     assert sched.gap_s("a/s") == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- the width rule "cost"
+def _cpu_cost(positions: int) -> float:
+    return 0.45 + 0.03 * positions  # the demo target on one CPU core, roughly (as _simulate)
+
+
+def _gpu_cost(positions: int) -> float:
+    return 0.022 + 0.00001 * positions  # flat: launch-bound (docs/BENCHMARKS.md §4.8)
+
+
+def _learned(cost, *, upto: int = 512, **kw) -> Scheduler:
+    sched = Scheduler(**kw)
+    p = 2
+    while p <= upto:  # the forwards a worker has run, one per bucket
+        sched.cost.add(p, cost(p))
+        p = p * 5 // 4 + 1
+    return sched
+
+
+def test_forward_cost_reads_its_measurements_and_says_nothing_it_cannot_know() -> None:
+    from cloud_worker.scheduler import ForwardCost
+
+    fc = ForwardCost()
+    assert fc.seconds(8) is None  # nothing measured
+    fc.add(8, 1.0)
+    assert fc.seconds(8) is None and fc.padding_pays(2, 4, 8) is None  # one bucket is no curve
+    fc.add(16, 2.0)
+    assert fc.seconds(8) == 1.0 and fc.seconds(16) == 2.0
+    assert fc.seconds(12) == pytest.approx(1.5)  # between two buckets: along the line
+    assert fc.seconds(24) == pytest.approx(3.0, rel=0.05)  # past the last: the last segment extended
+    assert fc.seconds(4) == 1.0  # below the first: the first
+    assert fc.seconds(40) is None  # more than twice past the widest measured: a guess, not said
+    fc.add(12, 5.0)  # a noisy forward: the curve never falls with more positions
+    assert fc.seconds(16) >= fc.seconds(12) >= fc.seconds(8)
+    for _ in range(30):  # and a bucket's mean follows its newer forwards
+        fc.add(12, 1.5)
+    assert fc.seconds(12) == pytest.approx(1.5, abs=0.01)
+    assert ForwardCost.bucket(16) == 16 and ForwardCost.bucket(1000) < 1000 < ForwardCost.bucket(1100) * 1.1
+
+
+def test_cost_rule_on_a_flat_forward_lets_a_prefill_ride_whole_and_mixed_rows_ride_together() -> None:
+    """On a GPU-shaped cost (flat in positions) the CPU's ratio rule would cut an open's prefill
+    to the decode rows' width (several forwards before its first token) and keep a 2-position
+    block out of a 7-position forward. The measured costs say the padding is free."""
+    ratio = Scheduler(max_tokens=512, max_sessions=16, width_rule="ratio")
+    learned = _learned(_gpu_cost, max_tokens=512, max_sessions=16)
+    for sched in (ratio, learned):
+        for i in range(8):
+            sched.push(_job(f"d{i}", "s", k=1))  # cloud-only decode steps
+        sched.push(_job("o", "open", k=45, prefill=True))
+    assert [len(s.row.tokens) for _, s in ratio.select(_prepare)] == [1] * 8 + [1]
+    assert [len(s.row.tokens) for _, s in learned.select(_prepare)] == [1] * 8 + [45]
+    for sched in (ratio, learned):
+        for device, k in (("a", 3), ("b", 5), ("c", 2), ("d", 7), ("e", 4), ("f", 1)):
+            sched.push(_job(device, "m", k=k))
+    assert [len(s.row.tokens) for _, s in ratio.select(_prepare)] == [3, 5, 2, 4]
+    assert [len(s.row.tokens) for _, s in learned.select(_prepare)] == [3, 5, 2, 7, 4, 1]
+
+
+def test_cost_rule_on_a_climbing_forward_keeps_padding_within_its_bound() -> None:
+    """On a CPU-shaped cost (every padded position costs) the rule keeps a narrow row out of a
+    wide forward, as the ratio rule does, and a prefill beside others takes the widest chunk
+    whose padding costs at most PAD_WASTE."""
+    from cloud_worker.scheduler import PAD_WASTE
+
+    sched = _learned(_cpu_cost, max_tokens=512, max_sessions=8)
+    sched.push(_job("calm", "c", k=3))
+    sched.push(_job("flood", "f", k=65))
+    assert [j.key for j, _ in sched.select(_prepare)] == ["calm/c"]
+    assert [j.key for j, _ in sched.select(_prepare)] == ["flood/f"]
+    for i in range(3):
+        sched.push(_job(f"d{i}", "s", k=3))
+    sched.push(_job("o", "open", k=300, prefill=True))
+    batch = sched.select(_prepare)
+    rows = [len(s.row.tokens) for _, s in batch]
+    chunk = rows[-1]
+    assert rows[:-1] == [3] * 3 and 3 < chunk < 300
+    padded, real = len(rows) * chunk, sum(rows)
+    assert _cpu_cost(padded) <= (1 + PAD_WASTE) * _cpu_cost(real) * 1.02  # within the bound
+    assert _cpu_cost(len(rows) * (chunk + 2)) > (1 + PAD_WASTE) * _cpu_cost(real + 2)  # and the widest
+
+
+def test_cost_rule_keeps_the_fair_share_and_the_noisy_neighbour_bound() -> None:
+    """Free padding does not let a device ahead in model time lengthen another's forward, and
+    the flood of long drafts still gets its share of model time only (issue 10)."""
+    sched = _learned(_gpu_cost, max_tokens=200, max_sessions=32)
+    for i in range(10):
+        sched.push(_job("flood", f"s{i}", k=65))
+    sched.push(_job("calm", "c", k=3))
+    batch = sched.select(_prepare)
+    assert sum(len(s.row.tokens) for j, s in batch if j.device == "flood") <= 100
+    solo = _simulate(_learned(_cpu_cost), seconds=100, flood_k=65, flood_sessions=0)["calm"]
+    shared = _simulate(_learned(_cpu_cost), seconds=100, flood_k=65, flood_sessions=4)
+    assert shared["calm"] >= 0.4 * solo, (shared, solo)
+
+
+def test_the_worker_learns_its_forward_cost_from_batched_forwards_only() -> None:
+    sched = Scheduler()
+    for device in ("a", "b"):
+        sched.push(_job(device, "s", k=3))
+    sched.select(_prepare)
+    sched.charge(1.0)  # two rows of 3: 6 padded positions
+    sched.push(_job("a", "s", k=4))
+    sched.select(_prepare)
+    sched.charge(9.0)  # one row runs unpadded, another path: not a batched forward's cost
+    for device in ("a", "b"):
+        sched.push(_job(device, "s", k=5))
+    sched.select(_prepare)
+    sched.charge(3.0, measured=False)  # a forward that failed measured nothing
+    assert sched.cost._mean == {6: 1.0}
+    with pytest.raises(ValueError, match="width_rule"):
+        Scheduler(width_rule="wide")

@@ -37,9 +37,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.forwards: list[tuple[int, int]] = []
+        self.padded: list[int] = []
 
-    def forward(self, sessions: int, positions: int) -> None:
+    def forward(self, sessions: int, positions: int, padded: int) -> None:
         self.forwards.append((sessions, positions))
+        self.padded.append(padded)
 
     def __getattr__(self, _name: str):
         return lambda *a, **k: None
@@ -108,6 +110,7 @@ def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) ->
     for i, (_, opts) in enumerate(plans):
         assert got[i] == reference.run(PROMPTS[i % len(PROMPTS)], opts).token_ids, f"session {i}"
     assert max(s for s, _ in rec.forwards) >= 2, "no forward was shared: the test did not batch"
+    assert all(pad >= pos for (_, pos), pad in zip(rec.forwards, rec.padded, strict=True))
     assert not worker.bad_messages
 
 
@@ -322,6 +325,38 @@ def test_auto_rejoin_wait_in_vain_is_charged_to_the_awaited_device(models, dev_b
     assert 0.05 <= waited < 0.3, waited
     assert sched.vtime["late"] - before.get("late", 0.0) == pytest.approx(waited, abs=0.02)
     assert sched.vtime.get("other") == before.get("other")
+
+
+def test_a_new_session_of_the_awaited_device_ends_the_wait(models, dev_broker, uid) -> None:
+    """An edge's next generation opens a new session: the session the last answer went to never
+    comes back, its device does. The wait ends when the device's new session arrives, and
+    nothing is charged (a cloud-only edge, one session a generation, was waited for in vain
+    and charged each time)."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
+    sched = worker.scheduler
+    worker._intake = sched.push
+    sched.push(_queued_job("other", "o"))
+    sched.select(lambda job: job.step)
+    sched.charge(1.0)  # a mean forward of 1 s: a session back within 500 ms is awaited
+    for _ in range(3):
+        t = time.perf_counter()
+        sched.answered({"edge/g1"}, t - 0.08)
+        sched.push(_queued_job("edge", "g1"))
+        sched.drop("edge/g1")
+    sched.push(_queued_job("other", "o"))
+    sched.push(_queued_job("edge", "busy"))  # queued before the wait: not a stand-in
+    before = dict(sched.vtime)
+    worker._answered_keys = {"edge/g1"}  # its generation ended; the next one opens g2
+    threading.Timer(0.05, worker.jobs.put, [_queued_job("edge", "g2")]).start()
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    waited = time.monotonic() - t0
+    assert "edge/g2" in sched.queues and 0.04 <= waited < 0.3, waited
+    assert sched.vtime.get("edge") == before.get("edge")  # not a wait in vain
+    queued = set(sched.queues)
+    assert sched.missing({"edge/a", "edge/b"}, queued) == {"edge/a", "edge/b"}  # nothing new since
+    assert len(sched.missing({"edge/a", "edge/b"}, queued - {"edge/g2"})) == 1  # one stands in for one
+    assert sched.missing({"edge/a"}, queued - {"other/o"}) == {"edge/a"}  # another device's is no stand-in
 
 
 def test_batch_window_config_takes_auto() -> None:
