@@ -7,7 +7,8 @@
 #      with greedy rows (only the argmax comes back to the host, as the worker does at T = 0);
 #   2. the fleet bench (spececd-bench --fleet) through a real Mosquitto: a random-weight target of
 #      the demo target's shape (bench.random_models), batched and unbatched worker, speculative
-#      and cloud-only, N = $FLEET_NS. Random weights give no real acceptance, so the speculative
+#      and cloud-only, N = $FLEET_NS ($FLEET_WORKERS picks the workers: batched, unbatched,
+#      ratio). Random weights give no real acceptance, so the speculative
 #      sessions replay the demo pair's rounds recorded on a CPU ($GPU_KIT/acceptance.json, a
 #      fleet run's recordings.json; spececd-bench --fleet-acceptance).
 #
@@ -33,6 +34,7 @@ MAX_NEW=${MAX_NEW:-48}
 NUM_PROMPTS=${NUM_PROMPTS:-10}
 FLEET_NS=${FLEET_NS:-1,2,4,8,16}
 FLEET_SECONDS=${FLEET_SECONDS:-8}
+FLEET_WORKERS=${FLEET_WORKERS:-batched,unbatched}
 VC_BATCHES=${VC_BATCHES:-1,2,4,8,16}  # 32 ran past the parts' limits on an H200
 VC_POSITIONS=${VC_POSITIONS:-1,3,5}
 VC_CACHE=${VC_CACHE:-512}
@@ -88,13 +90,24 @@ want() { [[ ",${PARTS:-vc,fleet}," == *",$1,"* ]]; }
 want vc && part vc-demo-bf16 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bfloat16 --json "$RES/vc-demo-bf16.json"
 
 # -- 2. the fleet bench: random-weight demo-shaped target, the demo pair's rounds, real Mosquitto --
+# FLEET_WORKERS picks the worker configurations, side by side in one run: batched (the defaults),
+# unbatched (one session a forward), ratio (the batched worker with the CPU's width rule, against
+# the default rule that reads the measured forward cost: docs/ARCHITECTURE.md, "Width")
+FLEET_WORKER_ARGS=()
+for w in ${FLEET_WORKERS//,/ }; do
+  case $w in
+    batched) FLEET_WORKER_ARGS+=(--fleet-worker "batched=--model-device $DEVICE --dtype float32") ;;
+    unbatched) FLEET_WORKER_ARGS+=(--fleet-worker "unbatched=--model-device $DEVICE --dtype float32 --max-batch-sessions 1") ;;
+    ratio) FLEET_WORKER_ARGS+=(--fleet-worker "ratio=--model-device $DEVICE --dtype float32 --width-rule ratio") ;;
+    *) echo "FLEET_WORKERS: unknown worker configuration '$w' (batched, unbatched, ratio)" >&2; exit 2 ;;
+  esac
+done
 TARGET=$(mktemp -d)/target
 want fleet && part target 90 $PY -m bench.random_models --config "$DEMO_CONFIG" --out "$TARGET" --dtype float32
 want fleet && part fleet 300 $PY -m bench.cli --fleet "$FLEET_NS" --fleet-seconds "$FLEET_SECONDS" --gamma 2 --temperature 0 \
   --num-prompts "$NUM_PROMPTS" --max-new-tokens "$MAX_NEW" --draft "$TARGET" --target "$TARGET" \
   --fleet-acceptance "$ACCEPTANCE" --out "$RES/fleet" --no-progress \
-  --fleet-worker "batched=--model-device $DEVICE --dtype float32" \
-  --fleet-worker "unbatched=--model-device $DEVICE --dtype float32 --max-batch-sessions 1"
+  "${FLEET_WORKER_ARGS[@]}"
 
 # -- 3. the 8B default target's shape, and the fleet's dtype -------------------------------------
 want vc && part vc-8b-bf16 120 $PY "${VC[@]}" --model "$BIG_CONFIG" --dtype bfloat16 --json "$RES/vc-8b-bf16.json"

@@ -21,7 +21,8 @@ position, on a GPU it is nearly flat up to hundreds of positions (docs/BENCHMARK
 the width rule (``width_rule``):
 
 - ``cost`` (the default): a row rides when the padded forward is predicted to cost at most
-  ``PAD_WASTE`` more than a forward of the same rows' real positions would, read off the
+  ``PAD_WASTE`` more than a forward of the same rows' real positions would and, if the row
+  widens the forward, at most ``PAD_WASTE`` more than the forward without it, read off the
   worker's own measured forwards (:class:`ForwardCost`). An open's prefill beside others takes
   the widest chunk that passes. Where the measurements cannot say yet (a new worker, a width
   well past any measured), the ``ratio`` rule decides; from there the measured widths grow.
@@ -429,13 +430,18 @@ class ForwardCost:
         slope = (curve[hi] - curve[lo]) / (keys[hi] - keys[lo])
         return curve[lo] + slope * (x - keys[lo])
 
-    def padding_pays(self, rows: int, width: int, real: int) -> bool | None:
+    def padding_pays(self, rows: int, width: int, real: int, *, was: int | None = None) -> bool | None:
         """Whether ``rows`` rows padded to ``width`` cost at most ``PAD_WASTE`` more than a
-        forward of their ``real`` positions; None where the measurements cannot say."""
+        forward of their ``real`` positions and, when the last row widened the forward from
+        ``was`` padded positions, at most ``PAD_WASTE`` more than that forward did (the rows
+        already in are not made to wait much longer for the one added); None where the
+        measurements cannot say."""
         padded, unpadded = self.seconds(rows * width), self.seconds(real)
-        if padded is None or unpadded is None:
+        before = self.seconds(was) if was is not None else None
+        if padded is None or unpadded is None or (was is not None and before is None):
             return None
-        return padded <= (1.0 + PAD_WASTE) * unpadded
+        limit = (1.0 + PAD_WASTE) * min(unpadded, before if before is not None else math.inf)
+        return padded <= limit
 
 
 class _Fit:
@@ -481,7 +487,12 @@ class _Fit:
             return False
         if self.used.get(device, 0) and self.used[device] + k > self._share(device):
             return False
-        pays = None if self.cost is None else self.cost.padding_pays(self.rows + 1, width, self.real + k)
+        was = self.rows * self.width if width > self.width else None  # the row widens the forward
+        pays = (
+            None
+            if self.cost is None
+            else self.cost.padding_pays(self.rows + 1, width, self.real + k, was=was)
+        )
         if pays is None:  # width rule "ratio", or the costs cannot say yet
             return not measured and width <= _widest_for(min(k, self.narrowest))
         return pays
