@@ -8,7 +8,7 @@
 #   2. the fleet bench (spececd-bench --fleet) through a real Mosquitto: a random-weight target of
 #      the demo target's shape (bench.random_models), batched and unbatched worker, speculative
 #      and cloud-only, N = $FLEET_NS ($FLEET_WORKERS picks the workers: batched, unbatched,
-#      ratio). Random weights give no real acceptance, so the speculative
+#      cost). Random weights give no real acceptance, so the speculative
 #      sessions replay the demo pair's rounds recorded on a CPU ($GPU_KIT/acceptance.json, a
 #      fleet run's recordings.json; spececd-bench --fleet-acceptance).
 #
@@ -91,15 +91,15 @@ want vc && part vc-demo-bf16 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bf
 
 # -- 2. the fleet bench: random-weight demo-shaped target, the demo pair's rounds, real Mosquitto --
 # FLEET_WORKERS picks the worker configurations, side by side in one run: batched (the defaults),
-# unbatched (one session a forward), ratio (the batched worker with the CPU's width rule, against
-# the default rule that reads the measured forward cost: docs/ARCHITECTURE.md, "Width")
+# unbatched (one session a forward), cost (the batched worker with the width rule that reads the
+# measured forward cost instead of the default ratio rule: docs/ARCHITECTURE.md, "Width")
 FLEET_WORKER_ARGS=()
 for w in ${FLEET_WORKERS//,/ }; do
   case $w in
     batched) FLEET_WORKER_ARGS+=(--fleet-worker "batched=--model-device $DEVICE --dtype float32") ;;
     unbatched) FLEET_WORKER_ARGS+=(--fleet-worker "unbatched=--model-device $DEVICE --dtype float32 --max-batch-sessions 1") ;;
-    ratio) FLEET_WORKER_ARGS+=(--fleet-worker "ratio=--model-device $DEVICE --dtype float32 --width-rule ratio") ;;
-    *) echo "FLEET_WORKERS: unknown worker configuration '$w' (batched, unbatched, ratio)" >&2; exit 2 ;;
+    cost) FLEET_WORKER_ARGS+=(--fleet-worker "cost=--model-device $DEVICE --dtype float32 --width-rule cost") ;;
+    *) echo "FLEET_WORKERS: unknown worker configuration '$w' (batched, unbatched, cost)" >&2; exit 2 ;;
   esac
 done
 TARGET=$(mktemp -d)/target

@@ -20,16 +20,21 @@ what padding costs depends on the hardware: on a CPU a forward's time grows with
 position, on a GPU it is nearly flat up to hundreds of positions (docs/BENCHMARKS.md §4.8). So
 the width rule (``width_rule``):
 
-- ``cost`` (the default): a row rides when the padded forward is predicted to cost at most
+- ``ratio`` (the default): no row rides in a forward more than twice its own length or 3
+  positions past it, whichever is more (a 3-token draft is never padded to a 64-token one or to
+  a prefill, and drafts of mixed small γ still go together: a 2-position block rides with a
+  5-position one); an open's prefill beside others is cut to the current width.
+- ``cost``: a row rides when the padded forward is predicted to cost at most
   ``PAD_WASTE`` more than a forward of the same rows' real positions would and, if the row
   widens the forward, at most ``PAD_WASTE`` more than the forward without it, read off the
   worker's own measured forwards (:class:`ForwardCost`). An open's prefill beside others takes
   the widest chunk that passes. Where the measurements cannot say yet (a new worker, a width
   well past any measured), the ``ratio`` rule decides; from there the measured widths grow.
-- ``ratio``: no row rides in a forward more than twice its own length or 3 positions past it,
-  whichever is more (a 3-token draft is never padded to a 64-token one or to a prefill, and
-  drafts of mixed small γ still go together: a 2-position block rides with a 5-position one);
-  an open's prefill beside others is cut to the current width. While several devices have (or just had) work, the leader's
+  Built for a GPU worker, where padding is nearly free; on a CPU it padded cloud-only forwards
+  by a third and lost a fifth of their throughput (docs/BENCHMARKS.md §4.9), so it is not the
+  default until a GPU run shows it pays there.
+
+While several devices have (or just had) work, the leader's
 rows beyond its first stay within its share of ``max_tokens`` (a leading prefill is cut to that
 share), and a rider's beyond its first within what the leader holds: a device ahead in model
 time cannot lengthen the forward of one behind.
@@ -108,7 +113,7 @@ class Scheduler:
         *,
         max_tokens: int = 512,
         max_sessions: int = 32,
-        width_rule: str = "cost",
+        width_rule: str = "ratio",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_tokens < 1 or max_sessions < 1:
@@ -377,8 +382,8 @@ def _widest_for(k: int) -> int:
 class ForwardCost:
     """What a batched forward (two rows or more) costs this worker, in seconds, against its
     padded positions (rows × widest row), learned from its own forwards: a smoothed mean per
-    bucket of positions (exact up to 16, then eight buckets an octave), read between buckets
-    along a line and as a non-decreasing curve.
+    bucket of positions (exact up to 16, then eight buckets an octave), made non-decreasing by
+    isotonic regression and read between buckets along a line.
 
     It says nothing (None) before two buckets were measured, or for positions more than twice
     past the widest measured: there it would be a guess, and the width rule falls back to
@@ -413,10 +418,7 @@ class ForwardCost:
         if len(self._mean) < 2:
             return None
         keys = sorted(self._mean)
-        curve, top = [], 0.0  # the non-decreasing envelope of the measured means
-        for key in keys:
-            top = max(top, self._mean[key])
-            curve.append(top)
+        curve = _isotonic([self._mean[key] for key in keys])  # more positions never cost less
         x = self.bucket(positions)
         if x > 2 * keys[-1]:
             return None
@@ -442,6 +444,19 @@ class ForwardCost:
             return None
         limit = (1.0 + PAD_WASTE) * min(unpadded, before if before is not None else math.inf)
         return padded <= limit
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence nearest to ``values`` in least squares (pool adjacent
+    violators): one slow forward raises its neighbours a little, not every wider bucket to it."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
 class _Fit:

@@ -68,7 +68,7 @@ class Worker(Intake):
         max_batch_tokens: int = 512,
         max_batch_sessions: int = 32,
         batch_window_ms: float | str = "auto",
-        width_rule: str = "cost",
+        width_rule: str = "ratio",
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,

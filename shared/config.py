@@ -147,7 +147,7 @@ class WorkerConfig:
     max_batch_tokens: int = 512
     max_batch_sessions: int = 32
     batch_window_ms: float | str = "auto"  # or ms
-    width_rule: str = "cost"
+    width_rule: str = "ratio"
     fair_wait_ms: float = 20.0
     max_cached_tokens: int = 1 << 20
     max_sessions_per_device: int = 0

@@ -367,10 +367,10 @@ KEYS: dict[str, _Key] = {
         _Key(
             "width_rule",
             _W,
-            _choice("cost", "ratio"),
-            "cost",
-            "which rows share a padded forward: 'cost' while the worker's measured forwards say the "
-            "padding costs at most a quarter more, 'ratio' up to twice a row's length or 3 past it",
+            _choice("ratio", "cost"),
+            "ratio",
+            "which rows share a padded forward: 'ratio' up to twice a row's length or 3 past it, "
+            "'cost' while the worker's measured forwards say the padding costs at most a quarter more",
         ),
         _Key(
             "fair_wait_ms",

@@ -568,7 +568,7 @@ def _gpu_cost(positions: int) -> float:
 
 
 def _learned(cost, *, upto: int = 512, **kw) -> Scheduler:
-    sched = Scheduler(**kw)
+    sched = Scheduler(width_rule="cost", **kw)
     p = 2
     while p <= upto:  # the forwards a worker has run, one per bucket
         sched.cost.add(p, cost(p))
@@ -590,7 +590,8 @@ def test_forward_cost_reads_its_measurements_and_says_nothing_it_cannot_know() -
     assert fc.seconds(4) == 1.0  # below the first: the first
     assert fc.seconds(40) is None  # more than twice past the widest measured: a guess, not said
     fc.add(12, 5.0)  # a noisy forward: the curve never falls with more positions
-    assert fc.seconds(16) >= fc.seconds(12) >= fc.seconds(8)
+    assert fc.seconds(16) >= fc.seconds(12) >= fc.seconds(8) == 1.0
+    assert fc.seconds(16) < 5.0  # and one slow forward does not set every wider bucket to it
     for _ in range(30):  # and a bucket's mean follows its newer forwards
         fc.add(12, 1.5)
     assert fc.seconds(12) == pytest.approx(1.5, abs=0.01)

@@ -38,7 +38,7 @@ def test_gpu_check_runs_every_part_on_a_tiny_kit(tiny_pair, tmp_path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "GPU_KIT": str(kit), "OUT": str(out), "DEVICE": "cpu", "BIG_CONFIG": str(big),
            "PYTHON": sys.executable, "VC_BATCHES": "1,2", "VC_POSITIONS": "1,3", "VC_CACHE": "8",
-           "VC_REPEAT": "1", "FLEET_NS": "1,2", "FLEET_SECONDS": "1", "FLEET_WORKERS": "batched,unbatched,ratio", "NUM_PROMPTS": "2", "MAX_NEW": "8"}  # fmt: skip
+           "VC_REPEAT": "1", "FLEET_NS": "1,2", "FLEET_SECONDS": "1", "FLEET_WORKERS": "batched,unbatched,cost", "NUM_PROMPTS": "2", "MAX_NEW": "8"}  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -56,7 +56,7 @@ def test_gpu_check_runs_every_part_on_a_tiny_kit(tiny_pair, tmp_path) -> None:
     cells = fleet["cells"]
     assert {(c["worker"], c["mode"], c["n"]) for c in cells} == {
         (w, m, n)
-        for w in ("batched", "unbatched", "ratio")
+        for w in ("batched", "unbatched", "cost")
         for m in ("speculative", "cloud-only")
         for n in (1, 2)
     }
