@@ -257,11 +257,12 @@ class Scheduler:
         return set(due), min(limit, max(due.values()) + REJOIN_SLACK_S)
 
     def missing(self, awaited: set[str], before: set[str]) -> set[str]:
-        """Those of ``awaited`` (sessions waited for) not back yet. A session of the same device
-        queued since the wait began (not in ``before``, the sessions queued then) stands in for
-        one of them: an edge's next generation opens a new session, so the session a
-        generation's last answer went to never comes back, its device does (one new session
-        for one awaited session)."""
+        """Those of ``awaited`` (sessions waited for) not back yet. A new session of the same
+        device (never answered before; queued since the wait began, so not in ``before``, the
+        sessions queued then) stands in for one of them: an edge's next generation opens a new
+        session, so the session a generation's last answer went to never comes back, its device
+        does (one new session for one awaited session). Another session the device already had
+        is no stand-in: it is another generation running beside the awaited one."""
         queued = self.queues.keys()
         gone: dict[str, list[str]] = {}
         for key in sorted(awaited - queued):
@@ -271,7 +272,7 @@ class Scheduler:
         new: dict[str, int] = {}
         for key in queued - before - awaited:
             device = key_device(key)
-            if device in gone:
+            if device in gone and key not in self._gaps and key not in self._answered_at:
                 new[device] = new.get(device, 0) + 1
         return {key for device, keys in gone.items() for key in keys[new.get(device, 0) :]}
 

@@ -357,6 +357,9 @@ def test_a_new_session_of_the_awaited_device_ends_the_wait(models, dev_broker, u
     assert sched.missing({"edge/a", "edge/b"}, queued) == {"edge/a", "edge/b"}  # nothing new since
     assert len(sched.missing({"edge/a", "edge/b"}, queued - {"edge/g2"})) == 1  # one stands in for one
     assert sched.missing({"edge/a"}, queued - {"other/o"}) == {"edge/a"}  # another device's is no stand-in
+    sched.answered({"edge/g3"}, time.perf_counter())  # a session the worker has answered before
+    sched.push(_queued_job("edge", "g3"))
+    assert sched.missing({"edge/a"}, queued) == {"edge/a"}  # is another generation, no stand-in
 
 
 def test_batch_window_config_takes_auto() -> None:
