@@ -238,6 +238,14 @@ class MqttClient:
         if code.is_failure:
             self._shutdown()
             raise _refusal(cfg, code)
+        # The CONNACK is signalled before the network thread marks the client connected (and,
+        # with subscriptions already made, before it resubscribes): return once it is usable, or
+        # a publish right after connect() can find it "not connected" on a busy machine.
+        if not self.connected.wait(timeout):
+            self._shutdown()
+            raise BrokerError(
+                f"connected to the broker at {cfg.address} but not ready within {timeout:.1f} s"
+            )
 
     def connect_in_background(self) -> None:
         """Start connecting without waiting (the broker may be down): paho's thread retries with

@@ -26,7 +26,7 @@ from shared.models import load_model
 from shared.protocol import Error, decode, encode
 from shared.sampling import SamplingParams
 from tests.tiny import load_tiny_pair
-from tests.workers import start_worker_process
+from tests.workers import start_worker_processes
 
 GREEDY = SamplingParams()
 SEEDED = SamplingParams(temperature=0.8, seed=1234)
@@ -56,10 +56,9 @@ def test_failover_late_in_a_long_generation(models, dev_broker, uid, tmp_path: P
     512 positions; the re-open asks for the tokens still wanted, so the new owner accepts the
     (long) context and the output equals the undisturbed run's."""
     cfg = dev_broker.config()
-    workers = {
-        wid: start_worker_process(cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path)
-        for wid in (f"a-{uid}", f"b-{uid}")
-    }
+    workers = start_worker_processes(
+        cfg, [f"a-{uid}", f"b-{uid}"], target=models["target_dir"], workdir=tmp_path
+    )
     link = make_link(dev_broker, uid)
     prompt = [(7 * i + 3) % 300 + 1 for i in range(100)]
     opts = GenerateOptions(gamma=3, max_new_tokens=400, params=params)  # 100 + 400 <= 512 positions

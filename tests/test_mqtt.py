@@ -108,6 +108,26 @@ def test_publish_while_disconnected_raises(dev_broker):
         client.publish("x/y", b"1")
 
 
+def test_connect_returns_only_once_publishing_works(dev_broker, mqtt_clients, monkeypatch):
+    """connect() used to return at the CONNACK, before paho's network thread marked the client
+    connected: a worker's first publish (its retained `loading`) then failed with "not
+    connected" on a busy machine. The network thread is slowed here to make that window wide."""
+    from shared.mqtt import MqttClient
+
+    real = MqttClient._on_connect
+
+    def slow(self, client, userdata, flags, code, props):
+        self._connack = code
+        self._connack_event.set()  # what the CONNACK wakes
+        time.sleep(0.3)  # a busy machine between that and the rest of the callback
+        real(self, client, userdata, flags, code, props)
+
+    monkeypatch.setattr(MqttClient, "_on_connect", slow)
+    client = mqtt_clients.make(dev_broker.config())  # connects
+    assert client.connected.is_set()
+    client.publish("spececd-test/ready", b"1", wait=True)
+
+
 def test_tcp_nodelay_is_set_on_the_socket(dev_broker, mqtt_clients):
     client = mqtt_clients.make(dev_broker.config())
     sock = client._paho.socket()

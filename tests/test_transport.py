@@ -22,7 +22,7 @@ from edge_agent.speculative import SRC_FALLBACK, GenerateOptions, SessionState
 from shared.errors import CloudUnavailableError
 from shared.sampling import SamplingParams
 from tests.tiny import load_tiny_pair
-from tests.workers import start_worker_process, wait_status
+from tests.workers import start_worker_process, start_worker_processes, wait_status
 
 PROMPT = [5, 17, 42, 9]
 GREEDY = SamplingParams()
@@ -76,10 +76,9 @@ def test_two_workers_share_sessions_and_survive_sigkill(
     models, reference, dev_broker, uid, tmp_path: Path
 ) -> None:
     cfg = dev_broker.config()
-    workers = {
-        wid: start_worker_process(cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path)
-        for wid in (f"a-{uid}", f"b-{uid}")
-    }
+    workers = start_worker_processes(
+        cfg, [f"a-{uid}", f"b-{uid}"], target=models["target_dir"], workdir=tmp_path
+    )
     agent = make_agent(models, dev_broker, uid, timeout_s=5.0)
     try:
         # sessions spread: the shared subscription hands opens to both workers

@@ -25,7 +25,7 @@ from shared import topics
 from shared.protocol import Draft, Error, Open, Opened, Verdict, decode, encode
 from shared.sampling import SamplingParams, SparseDist
 from tests.tiny import load_tiny_pair
-from tests.workers import start_worker_process
+from tests.workers import start_worker_processes
 
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
@@ -189,18 +189,16 @@ def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_cl
 def test_failover_while_sessions_share_a_batch(models, reference, dev_broker, uid, tmp_path: Path) -> None:
     cfg = dev_broker.config()
     extra = ["--batch-window-ms", "20", "--max-batch-sessions", "8"]
-    workers = {
-        wid: start_worker_process(
-            cfg, worker_id=wid, target=models["target_dir"], workdir=tmp_path, extra=extra
-        )
-        for wid in (f"a-{uid}", f"b-{uid}")
-    }
+    workers = start_worker_processes(
+        cfg, [f"a-{uid}", f"b-{uid}"], target=models["target_dir"], workdir=tmp_path, extra=extra
+    )
+    agents = []
     opts = [GenerateOptions(gamma=g, max_new_tokens=30, params=SAMPLED) for g in (2, 3, 1)]
-    agents = [agent_for(models, dev_broker, f"{uid}-d{i}", timeout_s=5.0) for i in range(len(opts))]
-    states = [SessionState() for _ in opts]
-    streams = [a.stream(PROMPTS[i], opts[i], state=states[i]) for i, a in enumerate(agents)]
-    got: list[list[int]] = [[] for _ in opts]
-    try:
+    try:  # the workers are stopped whatever fails next: they would answer later tests' opens
+        agents = [agent_for(models, dev_broker, f"{uid}-d{i}", timeout_s=5.0) for i in range(len(opts))]
+        states = [SessionState() for _ in opts]
+        streams = [a.stream(PROMPTS[i], opts[i], state=states[i]) for i, a in enumerate(agents)]
+        got: list[list[int]] = [[] for _ in opts]
         for _ in range(4):  # every session under way, sharing its owner's forwards
             for i, ev in enumerate(streams):
                 got[i].append(next(ev).token)

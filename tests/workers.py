@@ -48,8 +48,30 @@ def start_worker_process(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wp = WorkerProcess(worker_id, proc, log)
-    wait_status(broker, worker_id, topics.ONLINE, timeout=60, proc=proc, log=log)
+    try:
+        wait_status(broker, worker_id, topics.ONLINE, timeout=60, proc=proc, log=log)
+    except BaseException:
+        proc.kill()  # never left running past a failed start
+        raise
     return wp
+
+
+def start_worker_processes(
+    broker: BrokerConfig, worker_ids: list[str], *, target: str, workdir: Path, extra: list[str] | None = None
+) -> dict[str, WorkerProcess]:
+    """Start several workers; if one fails to come up, stop those already started (a worker
+    left running would answer the opens of later tests on the same broker) and raise."""
+    started: dict[str, WorkerProcess] = {}
+    try:
+        for wid in worker_ids:
+            started[wid] = start_worker_process(
+                broker, worker_id=wid, target=target, workdir=workdir, extra=extra
+            )
+    except BaseException:
+        for wp in started.values():
+            wp.proc.kill()
+        raise
+    return started
 
 
 def wait_status(
