@@ -28,15 +28,19 @@ def pair(request, tmp_path_factory) -> InProcessPair:
     return InProcessPair.from_models(draft, target)
 
 
-_REFERENCE: dict[tuple, list[int]] = {}
+_REFERENCE: dict[tuple, tuple[object, list[int]]] = {}  # key -> (the model, its tokens)
 
 
 def target_greedy_reference(target, prompt: list[int], n: int) -> list[int]:
     """Plain greedy decoding of ``target`` without any cache: the ground truth (memoized)."""
     key = (id(target), tuple(prompt), n)
-    if key not in _REFERENCE:
-        _REFERENCE[key] = _greedy_uncached(target, prompt, n)
-    return _REFERENCE[key]
+    hit = _REFERENCE.get(key)
+    # the entry keeps its model alive and is checked against it: a model freed by an earlier
+    # module's fixture can leave its id() to the next one, whose reference it then was (a
+    # clean-clone CI run failed on exactly that: another model's tokens from the first)
+    if hit is None or hit[0] is not target:
+        hit = _REFERENCE[key] = (target, _greedy_uncached(target, prompt, n))
+    return hit[1]
 
 
 def _greedy_uncached(target, prompt: list[int], n: int) -> list[int]:
