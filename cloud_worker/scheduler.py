@@ -397,6 +397,7 @@ class ForwardCost:
 
     def __init__(self) -> None:
         self._mean: dict[int, float] = {}  # bucket (its lowest positions) -> mean seconds
+        self._curve: tuple[list[int], list[float]] | None = None  # sorted buckets, fitted means
 
     @staticmethod
     def bucket(positions: int) -> int:
@@ -406,6 +407,7 @@ class ForwardCost:
 
     def add(self, positions: int, seconds: float) -> None:
         key = self.bucket(positions)
+        self._curve = None  # refitted at the next read, not at every read of a forward's choice
         old = self._mean.get(key)
         if old is None:
             if len(self._mean) >= self.MAX_BUCKETS:
@@ -418,8 +420,10 @@ class ForwardCost:
         """The predicted time of a batched forward over ``positions`` padded positions, or None."""
         if len(self._mean) < 2:
             return None
-        keys = sorted(self._mean)
-        curve = _isotonic([self._mean[key] for key in keys])  # more positions never cost less
+        if self._curve is None:
+            keys = sorted(self._mean)
+            self._curve = keys, _isotonic([self._mean[key] for key in keys])  # more positions never cost less
+        keys, curve = self._curve
         x = self.bucket(positions)
         if x > 2 * keys[-1]:
             return None

@@ -269,23 +269,33 @@ def test_worker_waits_briefly_for_the_sessions_it_just_answered(models, dev_brok
     assert (time.monotonic() - t0 < 0.05) == (window_ms == 0)
 
 
+def _rejoin_rig(models, dev_broker, uid, *, forward_s: float, key: str, gap_s: float):
+    """A worker with the rejoin window "auto" whose model loop is driven by hand: one forward of
+    ``forward_s`` seconds behind it (its mean forward), and session ``key`` seen coming back
+    ``gap_s`` after each of three answers; then another device's work is queued (so waiting
+    costs it). The jobs the test feeds are already validated."""
+    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
+    sched = worker.scheduler
+    worker._intake = sched.push
+    sched.push(_queued_job("other", "o"))
+    sched.select(lambda job: job.step)
+    sched.charge(forward_s)
+    device, _, sid = key.rpartition("/")
+    for _ in range(3):
+        sched.answered({key}, time.perf_counter() - gap_s)
+        sched.push(_queued_job(device, sid))
+        sched.drop(key)
+    sched.push(_queued_job("other", "o"))
+    return worker, sched
+
+
 def test_auto_rejoin_window_waits_for_the_sessions_expected_back(models, dev_broker, uid) -> None:
     """``batch_window_ms = "auto"``: after a forward the model thread waits for the answered
     sessions it expects back within half a mean forward (from their own answer-to-request gaps),
     and stops as soon as they are back; a session never seen returning is not waited for."""
-    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
-    sched = worker.scheduler
-    worker._intake = sched.push  # the messages below are already-validated jobs
-    sched.push(_queued_job("other", "o"))
-    sched.select(lambda job: job.step)
-    sched.charge(1.0)  # a mean forward of 1 s
-    for _ in range(3):  # "edge" has come back 80 ms after each answer
-        t = time.perf_counter()
-        sched.answered({"edge/e"}, t - 0.08)
-        sched.push(_queued_job("edge", "e"))
-        sched.drop("edge/e")
+    # a mean forward of 1 s; "edge" has come back 80 ms after each answer
+    worker, sched = _rejoin_rig(models, dev_broker, uid, forward_s=1.0, key="edge/e", gap_s=0.08)
     assert sched.gap_s("edge/e") == pytest.approx(0.08, abs=0.01)
-    sched.push(_queued_job("other", "o"))  # work is queued: waiting costs it
 
     worker._answered_keys = {"edge/e", "new/n"}
     threading.Timer(0.05, worker.jobs.put, [_queued_job("edge", "e")]).start()
@@ -303,18 +313,8 @@ def test_auto_rejoin_window_waits_for_the_sessions_expected_back(models, dev_bro
 def test_auto_rejoin_wait_in_vain_is_charged_to_the_awaited_device(models, dev_broker, uid) -> None:
     """The worker waits for a session it expects back; when the wait ends without it, the time
     waited goes on that device's model time (Scheduler.charge_wait), not on anyone else's."""
-    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
-    sched = worker.scheduler
-    worker._intake = sched.push
-    sched.push(_queued_job("other", "o"))
-    sched.select(lambda job: job.step)
-    sched.charge(0.4)  # a mean forward of 400 ms: a session back within 200 ms is awaited
-    for _ in range(3):
-        t = time.perf_counter()
-        sched.answered({"late/l"}, t - 0.05)
-        sched.push(_queued_job("late", "l"))
-        sched.drop("late/l")
-    sched.push(_queued_job("other", "o"))
+    # a mean forward of 400 ms: a session back within 200 ms is awaited
+    worker, sched = _rejoin_rig(models, dev_broker, uid, forward_s=0.4, key="late/l", gap_s=0.05)
     before = dict(sched.vtime)
     worker._answered_keys = {"late/l"}  # this time it does not come back
     t0 = time.monotonic()
@@ -330,18 +330,8 @@ def test_a_new_session_of_the_awaited_device_ends_the_wait(models, dev_broker, u
     comes back, its device does. The wait ends when the device's new session arrives, and
     nothing is charged (a cloud-only edge, one session a generation, was waited for in vain
     and charged each time)."""
-    worker = Worker(models["target"], dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms="auto")
-    sched = worker.scheduler
-    worker._intake = sched.push
-    sched.push(_queued_job("other", "o"))
-    sched.select(lambda job: job.step)
-    sched.charge(1.0)  # a mean forward of 1 s: a session back within 500 ms is awaited
-    for _ in range(3):
-        t = time.perf_counter()
-        sched.answered({"edge/g1"}, t - 0.08)
-        sched.push(_queued_job("edge", "g1"))
-        sched.drop("edge/g1")
-    sched.push(_queued_job("other", "o"))
+    # a mean forward of 1 s: a session back within 500 ms is awaited
+    worker, sched = _rejoin_rig(models, dev_broker, uid, forward_s=1.0, key="edge/g1", gap_s=0.08)
     sched.push(_queued_job("edge", "busy"))  # queued before the wait: not a stand-in
     before = dict(sched.vtime)
     worker._answered_keys = {"edge/g1"}  # its generation ended; the next one opens g2
