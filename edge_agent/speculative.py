@@ -220,26 +220,37 @@ def _timed_verify(link: VerifierLink, draft: Draft) -> tuple[Verdict, LinkStats,
 
 
 # What the last session of each (link, draft model) measured, so the next one starts warm
-# (draft cost, round trip, verify cost by positions; its α̂ as the next prior). Keyed by ids,
-# checked against a weak reference (an id can be reused after the object is gone); bounded.
-_LEARNED: dict[tuple[int, int], tuple[weakref.ref, GammaController]] = {}
+# (draft cost, round trip, verify cost by positions, acceptance by draft confidence). Keyed by
+# ids, each checked against a weak reference (an id is reused once its object is gone: a new draft
+# model at a freed one's address must not inherit its figures); bounded. A link or draft model
+# that takes no weak reference is not remembered.
+_LEARNED: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, GammaController]] = {}
 _LEARNED_MAX = 64
 _learned_lock = threading.Lock()
 
 
+def _draft_model(drafter: Drafter) -> object:
+    return getattr(drafter, "loaded", drafter)
+
+
 def _learned(drafter: Drafter, link: VerifierLink) -> GammaController | None:
+    model = _draft_model(drafter)
     with _learned_lock:
-        ref, ctrl = _LEARNED.get((id(link), id(getattr(drafter, "loaded", drafter))), (None, None))
-    return ctrl if ref is not None and ref() is link else None
+        entry = _LEARNED.get((id(link), id(model)))
+    if entry is None:
+        return None
+    link_ref, model_ref, ctrl = entry
+    return ctrl if link_ref() is link and model_ref() is model else None
 
 
 def _remember(drafter: Drafter, link: VerifierLink, ctrl: GammaController) -> None:
+    model = _draft_model(drafter)
     try:
-        ref = weakref.ref(link)
-    except TypeError:  # a link without weak references: nothing is remembered
+        refs = weakref.ref(link), weakref.ref(model)
+    except TypeError:  # no weak references: nothing is remembered
         return
     with _learned_lock:
-        _LEARNED[(id(link), id(getattr(drafter, "loaded", drafter)))] = (ref, ctrl)
+        _LEARNED[(id(link), id(model))] = (*refs, ctrl)
         while len(_LEARNED) > _LEARNED_MAX:
             _LEARNED.pop(next(iter(_LEARNED)))
 
@@ -319,7 +330,7 @@ def _speculative(
                     verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
                     batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
                     batch=getattr(verdict, "batch", None),
-                    confidence=block.confidence, overhang_ms=overhang_ms,
+                    confidence=block.confidence, overhang_ms=overhang_ms, alpha=verdict.alpha,
                 )
             )  # fmt: skip
             drafter.commit(new)  # 3. commit; the cache keeps what still agrees
