@@ -8,13 +8,17 @@ reports both, their ratio and the batched forward in units of one single-token s
 The batched forward is also split into its phases (stacking the caches, the model, moving the
 logits to the host, splitting the caches back), each timed after the device is done.
 
+``--layout padded,packed`` times each layout of the batched forward (cloud_worker/batching.py),
+alternating, in one run; ``--mix`` gives the rows of one forward the ``--positions`` values in turn
+(blocks of mixed lengths, as sessions with different γ send) instead of one k per forward.
+
 ``--random`` builds the model from the folder's ``config.json`` with random weights
 (``bench.random_models``): a forward's cost does not depend on the weights' values, so a GPU
 machine the weights cannot reach can still time the demo target's or the 8B default's shape.
 
     python -m bench.verify_cost --model /path/to/target [--random] [--device auto] [--dtype auto]
         [--cache-len 96] [--batches 1,2,4,8,16] [--positions 1,3] [--repeat 3] [--threads 1]
-        [--ragged] [--greedy] [--cpu-linear onednn,torch] [--json out.json]
+        [--ragged] [--greedy] [--cpu-linear onednn,torch] [--layout padded,packed] [--mix] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from cloud_worker.batching import Row, forward_rows
+from cloud_worker.batching import LAYOUTS, Row, forward_packed, forward_rows
 from shared.cpu_linear import use_onednn_linears
 from shared.kvcache import crop, forward_cached
 from shared.models import load_model
@@ -59,15 +63,19 @@ def measure(
     model,
     vocab: int,
     b: int,
-    k: int,
+    k: int | list[int],
     lengths: list[int],
     repeat: int,
     rng: random.Random,
     greedy: bool = False,
+    layout: str = "padded",
 ) -> dict:
-    """Median ms of one batched forward and of b single forwards (b sessions × k new tokens)."""
+    """Median ms of one batched forward and of b single forwards (b sessions × k new tokens;
+    ``k`` a list: row i gets k[i % len(k)] new tokens)."""
+    ks = [k[i % len(k)] for i in range(b)] if isinstance(k, list) else [k] * b
+    forward = forward_packed if layout == "packed" else forward_rows
     caches = _caches(model, vocab, lengths, rng)
-    news = [[rng.randrange(vocab) for _ in range(k)] for _ in range(b)]
+    news = [[rng.randrange(vocab) for _ in range(n)] for n in ks]
     batched, single, phases = [], [], []
     with torch.inference_mode():
         for i in range(2 * repeat + 1):  # the first round warms up; the last `repeat` split the phases
@@ -75,7 +83,7 @@ def measure(
             rows = [Row(c, n, list(t), greedy=greedy) for c, n, t in zip(caches, lengths, news, strict=True)]
             _sync(model)
             t0 = time.perf_counter()
-            forward_rows(model, rows, vocab, phases_ms=split)
+            forward(model, rows, vocab, phases_ms=split)
             if split is None:
                 batched.append((time.perf_counter() - t0) * 1e3)
             else:
@@ -88,12 +96,14 @@ def measure(
             t0 = time.perf_counter()
             for c, n, t in zip(caches, lengths, news, strict=True):
                 forward_cached(model, t, c)
-                crop(c, n + k, n)
+                crop(c, n + len(t), n)
             _sync(model)
             single.append((time.perf_counter() - t0) * 1e3)
     return {
         "B": b,
         "k": k,
+        "layout": layout,
+        "positions": sum(ks),
         "batched_ms": statistics.median(batched[1:]),
         "unbatched_ms": statistics.median(single[1:]),
         "phases_ms": {
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-linear", type=_kernels, default=["onednn"], metavar="onednn,torch",
                     help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own; "
                     "a comma list measures each, alternating, in one run")  # fmt: skip
+    ap.add_argument("--layout", type=_layouts, default=["padded"], metavar="padded,packed",
+                    help="the worker's batch_layout; a comma list measures each, alternating, in one run")  # fmt: skip
+    ap.add_argument("--mix", action="store_true",
+                    help="the rows of one forward take the --positions values in turn (mixed lengths)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
@@ -146,24 +160,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"model {args.model}, cache {args.cache_len}: one step (B=1, k=1) = "
           + ", ".join(f"{steps[kn]:.1f} ms ({kn})" for kn in models))  # fmt: skip
-    print(f"{'kernels':>8} {'B':>3} {'k':>2} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} "
+    print(f"{'kernels':>8} {'layout':>7} {'B':>3} {'k':>5} {'batched ms':>11} {'B single ms':>12} {'speed-up':>9} "
           f"{'x one step':>11}  phases ms (stack/model/logits/split)")  # fmt: skip
     rows: dict[str, list[dict]] = {kn: [] for kn in models}
-    for k in args.positions:
+    for k in [args.positions] if args.mix else args.positions:
         for b in args.batches:
             if args.ragged:
                 lengths = [rng.randint(args.cache_len // 2, args.cache_len) for _ in range(b)]
             else:
                 lengths = [args.cache_len] * b
             for kn, model in models.items():
-                r = measure(model, vocab, b, k, lengths, args.repeat, rng, greedy=args.greedy)
-                r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
-                r["x_step"] = r["batched_ms"] / steps[kn]
-                rows[kn].append(r)
-                ph = r["phases_ms"]
-                split = "/".join(f"{ph.get(x, 0.0):.2f}" for x in ("stack", "model", "logits", "split"))
-                print(f"{kn:>8} {b:>3} {k:>2} {r['batched_ms']:>11.2f} {r['unbatched_ms']:>12.2f} "
-                      f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}  {split}", flush=True)  # fmt: skip
+                for layout in args.layout:
+                    r = measure(
+                        model, vocab, b, k, lengths, args.repeat, rng, greedy=args.greedy, layout=layout
+                    )
+                    r["speedup"] = r["unbatched_ms"] / r["batched_ms"]
+                    r["x_step"] = r["batched_ms"] / steps[kn]
+                    rows[kn].append(r)
+                    ph = r["phases_ms"]
+                    split = "/".join(f"{ph.get(x, 0.0):.2f}" for x in ("stack", "model", "logits", "split"))
+                    ktext = "mix" if isinstance(k, list) else str(k)
+                    print(f"{kn:>8} {layout:>7} {b:>3} {ktext:>5} {r['batched_ms']:>11.2f} {r['unbatched_ms']:>12.2f} "
+                          f"{r['speedup']:>9.2f} {r['x_step']:>11.2f}  {split}", flush=True)  # fmt: skip
     if args.json:
         out = {"model": args.model, "random_weights": args.random, "device": str(loaded.model.device),
                "dtype": str(loaded.model.dtype), "cache_len": args.cache_len, "ragged": args.ragged, "greedy": args.greedy,
@@ -184,6 +202,14 @@ def _random_model(args):
     config = config_of(args.model)
     return SimpleNamespace(model=random_model(config, seed=args.seed, dtype=dt, device=str(dev), on_device=True),
                            vocab_size=config.vocab_size)  # fmt: skip
+
+
+def _layouts(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in LAYOUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(LAYOUTS)} (comma list), got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def _kernels(text: str) -> list[str]:

@@ -1,11 +1,22 @@
 """One target forward over the new tokens of many sessions, each with its own KV cache.
 
-Strategy (docs/ARCHITECTURE.md, "Worker: batched verification"): pad and stack. Row ``i`` of the
-batch holds session ``i``'s cached keys/values left-padded to the longest cache ``P`` and its
-``k_i`` new tokens right-padded to the longest ``K``; a 2-D attention mask hides the padding and
-per-row position ids continue each session's own positions. After the forward each session gets
-back its own cache (its rows sliced out and copied), so rollback (``crop``) stays per session.
-A single row runs unpadded on the session's own cache: exactly the unbatched path.
+Two layouts (docs/ARCHITECTURE.md, "Worker: batched verification"; the worker's ``batch_layout``):
+
+- ``padded`` (:func:`forward_rows`): pad and stack. Row ``i`` of the batch holds session ``i``'s
+  cached keys/values left-padded to the longest cache ``P`` and its ``k_i`` new tokens
+  right-padded to the longest ``K``; a 2-D attention mask hides the padding and per-row position
+  ids continue each session's own positions. The forward computes B × K positions.
+- ``packed`` (:func:`forward_packed`): one sequence. The rows' new tokens follow each other
+  (Σ k_i positions, no padding), the rows' caches are laid end to end as one cache, and a 4-D
+  mask lets each new token see its own session's cache and its own earlier new tokens only;
+  position ids continue each session's own positions. The linear layers (most of a forward)
+  compute exactly the real positions; attention computes every new token against every row's
+  cache (masked), Σ k_i × Σ L_i, which is small next to them at a few hundred cached tokens a
+  session; and only rows that want logits get the vocabulary projection.
+
+After the forward each session gets back its own cache (its part sliced out and copied), so
+rollback (``crop``) stays per session. A single row runs unpadded on the session's own cache:
+exactly the unbatched path, in either layout.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from shared.kvcache import forward_cached, forward_kwargs, last_logits_only
+from shared.kvcache import forward_cached, forward_kwargs, last_logits_only, logits_kwarg
 
 
 @dataclass
@@ -207,3 +218,125 @@ def _to_host(logits: torch.Tensor, greedy: list[bool]) -> list[torch.Tensor]:
     rest = torch.tensor([i for i, g in enumerate(greedy) if not g], device=logits.device)
     ids, full = iter(logits[pick].argmax(dim=-1).cpu()), iter(logits[rest].float().cpu())
     return [next(ids) if g else next(full) for g in greedy]
+
+
+LAYOUTS = ("padded", "packed")
+
+
+def packing_supported(model) -> str | None:
+    """Why ``model`` cannot run the packed layout (None: it can). The packed forward hands the
+    model a ready 4-D mask, which every layer then uses as it is: a model with sliding-window
+    layers (whose mask would differ per layer) or an attention kernel that takes no mask (flash
+    attention) would compute something else."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} takes no 4-D mask (packing needs sdpa or eager)"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "the model has sliding-window layers (packing gives every layer one full mask)"
+    if getattr(config, "use_sliding_window", False) or (
+        getattr(config, "sliding_window", None) and "use_sliding_window" not in config.to_dict()
+    ):
+        return "the model uses sliding-window attention (packing gives every layer one full mask)"
+    return None
+
+
+def _packed_mask(lens: list[int], ks: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask ``[1, 1, Σk, ΣL + Σk]`` of a packed forward: new token t of row i sees
+    row i's cached positions and row i's new tokens up to t; everything else is masked."""
+    b = len(ks)
+    rows = torch.arange(b)
+    qseg = torch.repeat_interleave(rows, torch.tensor(ks))  # [Σk] row of each new token
+    kseg = torch.cat([torch.repeat_interleave(rows, torch.tensor(lens)), qseg])  # [ΣL + Σk]
+    q_at = torch.arange(len(qseg))  # [Σk]
+    k_at = torch.cat([torch.full((sum(lens),), -1), q_at])  # cached keys: before every new token
+    allowed = (qseg[:, None] == kseg[None, :]) & (k_at[None, :] <= q_at[:, None])  # [Σk, ΣL + Σk]
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def forward_packed(
+    model, rows: list[Row], vocab_size: int, *, phases_ms: dict[str, float] | None = None
+) -> list[torch.Tensor]:
+    """:func:`forward_rows`'s contract, with the rows packed into one sequence (module docstring):
+    each row's logits ``[k_i, V]`` (a ``greedy`` row: its argmax ids ``[k_i]``; a row that wants
+    no logits: an empty ``[0, V]``, unused), each row's cache replaced by its old positions plus
+    its new tokens. The model must allow it (:func:`packing_supported`)."""
+    if len(rows) == 1:
+        return forward_rows(model, rows, vocab_size, phases_ms=phases_ms)
+    dev = model.device
+    phase = _Phases(phases_ms, dev)
+    lens = [r.cache_len for r in rows]
+    ks = [len(r.tokens) for r in rows]
+    ids = torch.tensor([[t for r in rows for t in r.tokens]], dtype=torch.long)  # [1, Σk]
+    pos = torch.cat([torch.arange(n, n + k) for n, k in zip(lens, ks, strict=True)])[None]  # [1, Σk]
+    kvs = [layer_kv(r.cache) for r in rows]
+    template = next((kv for kv in kvs if kv), None)
+    past = DynamicCache()
+    if template is not None and sum(lens):
+        past = cache_of(
+            [
+                tuple(
+                    torch.cat([kv[layer][j][..., :n, :] for kv, n in zip(kvs, lens, strict=True) if n], dim=2)
+                    for j in (0, 1)
+                )
+                for layer in range(len(template))
+            ]
+        )  # per layer [1, H, ΣL, D]: the caches end to end
+    phase.mark("stack")
+    # logits only where a row wants them (a prefill chunk needs none: no vocabulary projection)
+    starts = [sum(ks[:i]) for i in range(len(ks))]
+    keep = torch.tensor(
+        [s + j for r, s, k in zip(rows, starts, ks, strict=True) if r.logits for j in range(k)] or [0],
+        device=dev,
+    )
+    kw = logits_kwarg(type(model))
+    out = model(
+        input_ids=ids.to(dev),
+        attention_mask=_packed_mask(lens, ks, model.dtype).to(dev),
+        position_ids=pos.to(dev),
+        use_cache=True,
+        **forward_kwargs(type(model), past),
+        **({kw: keep} if kw else {}),
+    )
+    phase.mark("model")
+    kept = out.logits[0, :, :vocab_size]  # [len(keep), V]
+    if kw is None:  # a model without the keyword computed all Σk positions
+        kept = kept[keep]
+    # one transfer per kind: argmax ids for the greedy rows' positions, float logits for the rest
+    wanted = [(r, k) for r, k in zip(rows, ks, strict=True) if r.logits]
+    flags = [r.greedy for r, k in wanted for _ in range(k)]
+    pick = lambda want: torch.tensor([i for i, g in enumerate(flags) if g == want], device=dev)  # noqa: E731
+    ids_host = (
+        iter(kept[pick(True)].argmax(dim=-1).cpu().split([k for r, k in wanted if r.greedy]))
+        if any(flags)
+        else None
+    )
+    full_host = (
+        iter(kept[pick(False)].float().cpu().split([k for r, k in wanted if not r.greedy]))
+        if not all(flags)
+        else None
+    )
+    phase.mark("logits")
+    grown = layer_kv(past)
+    total, result = sum(lens), []
+    for r, n, at, s, k in zip(rows, lens, [sum(lens[:i]) for i in range(len(lens))], starts, ks, strict=True):
+        # this row's cached positions, then its new tokens, copied out: memory it owns alone
+        r.cache = cache_of(
+            [
+                tuple(
+                    torch.cat([t[..., at : at + n, :], t[..., total + s : total + s + k, :]], dim=2)
+                    for t in pair
+                )
+                for pair in grown
+            ]
+        )
+        r.cache_len += k
+        if not r.logits:
+            result.append(torch.zeros((0, kept.shape[-1])))
+        else:
+            result.append(next(ids_host) if r.greedy else next(full_host))
+    phase.mark("split")
+    return result

@@ -34,13 +34,20 @@ the width rule (``width_rule``):
   by a third and lost a fifth of their throughput (docs/BENCHMARKS.md §4.9), so it is not the
   default until a GPU run shows it pays there.
 
+With ``batch_layout = packed`` (cloud_worker/batching.py) a forward has no padding: each row
+costs its own positions, so no width rule applies. A rider no longer than the leader's row always
+fits (a 2-position draft rides with a 7-position one, every decode row beside a leading prefill);
+a longer one only within the ratio of the leader's row (twice it or 3 positions past it), so the
+device owed model time is not made to wait on another's long rows. An open's prefill beside
+others is cut to the widest row so far (its positions cost the forward what anyone's do).
+
 While several devices have (or just had) work, the leader's
 rows beyond its first stay within its share of ``max_tokens`` (a leading prefill is cut to that
 share), and a rider's beyond its first within what the leader holds: a device ahead in model
 time cannot lengthen the forward of one behind.
 
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
-row: what a padded forward costs). The leader's row is always taken; an open's prefill is cut to
+row: what a padded forward costs; packed: the real positions). The leader's row is always taken; an open's prefill is cut to
 fit (the rest is its next step).
 """
 
@@ -114,6 +121,7 @@ class Scheduler:
         max_tokens: int = 512,
         max_sessions: int = 32,
         width_rule: str = "ratio",
+        packed: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_tokens < 1 or max_sessions < 1:
@@ -123,6 +131,7 @@ class Scheduler:
         self.max_tokens = max_tokens
         self.max_sessions = max_sessions
         self.width_rule = width_rule
+        self.packed = packed  # the forward packs its rows (batch_layout "packed"): no padding, no width rule
         self.cost = ForwardCost()  # this worker's batched forwards: seconds by padded positions
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
@@ -303,7 +312,7 @@ class Scheduler:
         total = sum(k for _, k in rows)
         if not total or seconds < 0:
             return
-        if measured and len(rows) > 1:  # a single row runs unpadded: another path, another cost
+        if measured and len(rows) > 1 and not self.packed:  # a single row runs unpadded: another path
             self.cost.add(len(rows) * max(k for _, k in rows), seconds)
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for device, k in rows:
@@ -330,7 +339,8 @@ class Scheduler:
             self.max_tokens,
             fair,
             alone=len(self._seen) <= 1,
-            cost=self.cost if self.width_rule == "cost" else None,
+            cost=self.cost if self.width_rule == "cost" and not self.packed else None,
+            packed=self.packed,
         )
         taken: set[str] = set()
         served: list[str] = []
@@ -467,9 +477,17 @@ def _isotonic(values: list[float]) -> list[float]:
 class _Fit:
     """The rows of one forward so far, and whether another fits (module docstring)."""
 
-    def __init__(self, max_tokens: int, fair: int, *, alone: bool, cost: ForwardCost | None = None) -> None:
-        self.max_tokens, self.fair, self.alone, self.cost = max_tokens, fair, alone, cost
-        self.rows = self.width = self.narrowest = self.real = 0
+    def __init__(
+        self,
+        max_tokens: int,
+        fair: int,
+        *,
+        alone: bool,
+        cost: ForwardCost | None = None,
+        packed: bool = False,
+    ) -> None:
+        self.max_tokens, self.fair, self.alone, self.cost, self.packed = max_tokens, fair, alone, cost, packed
+        self.rows = self.width = self.narrowest = self.real = self.lead = 0
         self.used: dict[str, int] = {}
         self.leader = ""
 
@@ -483,7 +501,7 @@ class _Fit:
             if job.prefill and k > room:
                 del tokens[room:]
                 k = room
-            self.narrowest = k
+            self.narrowest = self.lead = k
             self.leader = device
         else:
             if job.prefill and k > self.width:  # beside others: the widest chunk that still fits
@@ -503,10 +521,12 @@ class _Fit:
         """Whether a row of ``k`` positions fits; ``measured``: only if the costs say so (a
         prefill widens the forward on measurements only, never under the ratio rule)."""
         width = max(self.width, k)
-        if (self.rows + 1) * width > self.max_tokens:
+        if (self.real + k if self.packed else (self.rows + 1) * width) > self.max_tokens:
             return False
         if self.used.get(device, 0) and self.used[device] + k > self._share(device):
             return False
+        if self.packed:  # no padding: any row shorter than the leader's, a longer one within the ratio
+            return k <= _widest_for(self.lead)
         was = self.rows * self.width if width > self.width else None  # the row widens the forward
         pays = (
             None

@@ -32,10 +32,10 @@ from collections.abc import Callable
 
 import torch
 
-from cloud_worker.batching import Row, forward_rows
+from cloud_worker.batching import LAYOUTS, Row, forward_packed, forward_rows, packing_supported
 from cloud_worker.sessions import Reply, Session, Step, key_device, session_key
 from shared.config_keys import DEFAULT_MAX_SESSIONS  # one default: config, worker, verifier
-from shared.errors import SessionError
+from shared.errors import ConfigError, SessionError
 from shared.kvcache import crop
 from shared.models import LoadedModel
 from shared.protocol import Decode, Draft, Error, Open, Opened, Tokens, Verdict
@@ -62,9 +62,15 @@ class Verifier:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
+        batch_layout: str = "padded",
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if batch_layout not in LAYOUTS:
+            raise ValueError(f"batch_layout must be one of {', '.join(LAYOUTS)}, got {batch_layout!r}")
+        if batch_layout == "packed" and (why := packing_supported(loaded.model)) is not None:
+            raise ConfigError("batch_layout", batch_layout, f"'padded' for this target ({why})")
+        self._forward = forward_packed if batch_layout == "packed" else forward_rows
         self.loaded = loaded
         self.model = loaded.model
         self.vocab_size = loaded.vocab_size
@@ -250,7 +256,7 @@ class Verifier:
         positions = sum(len(s.row.tokens) for s in steps)
         t0 = time.perf_counter()
         try:
-            logits = forward_rows(self.model, [s.row for s in steps], self.vocab_size)
+            logits = self._forward(self.model, [s.row for s in steps], self.vocab_size)
         except Exception:
             for s in steps:  # the single-row path grows the cache in place: put it back
                 crop(s.sess.cache, s.sess.cache.get_seq_length(), s.sess.cache_len)

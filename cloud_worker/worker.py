@@ -69,6 +69,7 @@ class Worker(Intake):
         max_batch_sessions: int = 32,
         batch_window_ms: float | str = "auto",
         width_rule: str = "ratio",
+        batch_layout: str = "padded",
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
@@ -82,9 +83,13 @@ class Worker(Intake):
             max_sessions=max_sessions,
             max_cached_tokens=max_cached_tokens,
             max_sessions_per_device=max_sessions_per_device,
+            batch_layout=batch_layout,
         )
         self.scheduler = Scheduler(
-            max_tokens=max_batch_tokens, max_sessions=max_batch_sessions, width_rule=width_rule
+            max_tokens=max_batch_tokens,
+            max_sessions=max_batch_sessions,
+            width_rule=width_rule,
+            packed=batch_layout == "packed",
         )
         self.rejoin_auto = batch_window_ms == REJOIN_AUTO
         self.batch_window_s = 0.0 if self.rejoin_auto else max(0.0, float(batch_window_ms)) / 1e3
@@ -284,7 +289,11 @@ class Worker(Intake):
             )
         jobs = dict((id(step), job) for job, step in batch)
         self._answered_keys = {job.key for job, step in batch if not step.more}
-        padded = len(rows) * max((k for _, k in rows), default=0)
+        padded = (
+            sum(k for _, k in rows)
+            if self.scheduler.packed
+            else len(rows) * max((k for _, k in rows), default=0)
+        )
         self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0, padded)
         for step, replies in results:
             job = jobs[id(step)]

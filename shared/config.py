@@ -148,6 +148,7 @@ class WorkerConfig:
     max_batch_sessions: int = 32
     batch_window_ms: float | str = "auto"  # or ms
     width_rule: str = "ratio"
+    batch_layout: str = "padded"
     fair_wait_ms: float = 20.0
     max_cached_tokens: int = 1 << 20
     max_sessions_per_device: int = 0
@@ -418,6 +419,7 @@ _WORKER_BATCH_KEYS = (
     "max_batch_sessions",
     "batch_window_ms",
     "width_rule",
+    "batch_layout",
     "fair_wait_ms",
     "max_cached_tokens",
     "max_sessions_per_device",

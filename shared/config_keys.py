@@ -354,7 +354,13 @@ KEYS: dict[str, _Key] = {
         ),
         _Key("watchdog", _E, _bool, True, "send systemd watchdog pings when WATCHDOG_USEC is set"),
         _Key("max_sessions", _W, _int(1, 1_000_000), DEFAULT_MAX_SESSIONS, "sessions kept (LRU beyond)"),
-        _Key("max_batch_tokens", _W, _int(1, 1_000_000), 512, "padded positions per target forward"),
+        _Key(
+            "max_batch_tokens",
+            _W,
+            _int(1, 1_000_000),
+            512,
+            "positions per target forward (padded: rows x widest row)",
+        ),
         _Key("max_batch_sessions", _W, _int(1, 4096), 32, "sessions per target forward (1 = unbatched)"),
         _Key(
             "batch_window_ms",
@@ -371,6 +377,14 @@ KEYS: dict[str, _Key] = {
             "ratio",
             "which rows share a padded forward: 'ratio' up to twice a row's length or 3 past it, "
             "'cost' while the worker's measured forwards say the padding costs at most a quarter more",
+        ),
+        _Key(
+            "batch_layout",
+            _W,
+            _choice("padded", "packed"),
+            "padded",
+            "how a forward lays out its rows: 'padded' = rows x widest row (the width rule applies), "
+            "'packed' = one sequence of the real positions, a mask per session (no padding)",
         ),
         _Key(
             "fair_wait_ms",

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from cloud_worker.batching import Row, forward_rows
+from cloud_worker.batching import Row, forward_packed, forward_rows, packing_supported
 from cloud_worker.quotas import OpenRate
 from cloud_worker.scheduler import Job, Scheduler
 from cloud_worker.verifier import Step, Verifier
+from shared.errors import ConfigError
 from shared.kvcache import forward_cached
 from shared.models import load_model
 from shared.protocol import Decode, Draft, Open, Tokens, Verdict
@@ -36,13 +37,17 @@ def _cache(model, tokens: list[int]) -> DynamicCache:
     return cache
 
 
-def test_padded_forward_equals_single_forwards(target) -> None:
+LAYOUTS = [pytest.param(forward_rows, id="padded"), pytest.param(forward_packed, id="packed")]
+
+
+@pytest.mark.parametrize("forward", LAYOUTS)
+def test_batched_forward_equals_single_forwards(target, forward) -> None:
     rng = random.Random(0)
     v = target.vocab_size
     for _ in range(6):
         specs = [([rng.randrange(v) for _ in range(rng.randint(0, 30))], [rng.randrange(v) for _ in range(rng.randint(1, 6))]) for _ in range(rng.randint(2, 5))]  # fmt: skip
         rows = [Row(_cache(target.model, past), len(past), new) for past, new in specs]
-        batched = forward_rows(target.model, rows, v)
+        batched = forward(target.model, rows, v)
         for (past, new), row, got in zip(specs, rows, batched, strict=True):
             ref_cache = _cache(target.model, past)
             (want,) = forward_rows(target.model, [Row(ref_cache, len(past), new)], v)
@@ -89,18 +94,19 @@ def test_stack_and_split_copy_each_rows_positions_exactly(dims, launch_bound, mo
         assert torch.equal(k, k2)
 
 
+@pytest.mark.parametrize("forward", LAYOUTS)
 @pytest.mark.parametrize("pattern", [(True,), (True, True, True), (True, False, True, False), (False, False)])
-def test_greedy_rows_get_the_argmax_of_their_logits(target, pattern) -> None:
+def test_greedy_rows_get_the_argmax_of_their_logits(target, pattern, forward) -> None:
     """A greedy row (T = 0) gets its positions' argmax ids, taken where the model runs, instead of
     its [k, V] logits; other rows in the same forward still get their full logits, unchanged."""
     rng = random.Random(len(pattern))
     v = target.vocab_size
     specs = [([rng.randrange(v) for _ in range(rng.randint(1, 20))], [rng.randrange(v) for _ in range(rng.randint(1, 5))]) for _ in pattern]  # fmt: skip
-    full = forward_rows(target.model, [Row(_cache(target.model, p), len(p), t) for p, t in specs], v)
+    full = forward(target.model, [Row(_cache(target.model, p), len(p), t) for p, t in specs], v)
     mixed_rows = [
         Row(_cache(target.model, p), len(p), t, greedy=g) for (p, t), g in zip(specs, pattern, strict=True)
     ]
-    mixed = forward_rows(target.model, mixed_rows, v)
+    mixed = forward(target.model, mixed_rows, v)
     for g, want, got, (p, t), row in zip(pattern, full, mixed, specs, mixed_rows, strict=True):
         if g:
             assert got.dtype == torch.long and got.shape == (len(t),)
@@ -108,6 +114,57 @@ def test_greedy_rows_get_the_argmax_of_their_logits(target, pattern) -> None:
         else:
             assert torch.equal(got, want)
         assert row.cache_len == len(p) + len(t)  # the cache grows the same either way
+
+
+def test_packed_rows_without_logits_leave_the_same_cache_and_skip_the_projection(target) -> None:
+    """A packed forward with prefill chunks (no logits wanted) beside verify rows: the verify rows
+    get the logits of their single forwards, the chunks an empty [0, V], and every cache continues
+    as after its own forward."""
+    rng = random.Random(7)
+    v = target.vocab_size
+    specs = [([rng.randrange(v) for _ in range(rng.randint(0, 12))], [rng.randrange(v) for _ in range(rng.randint(1, 9))], want) for want in (True, False, True, False)]  # fmt: skip
+    rows = [Row(_cache(target.model, p), len(p), t, logits=w) for p, t, w in specs]
+    out = forward_packed(target.model, rows, v)
+    for (p, t, w), row, got in zip(specs, rows, out, strict=True):
+        ref = _cache(target.model, p)
+        (want,) = forward_rows(target.model, [Row(ref, len(p), t)], v)
+        if w:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        else:
+            assert got.shape == (0, v)
+        assert row.cache_len == len(p) + len(t) == row.cache.get_seq_length()
+        nxt = [rng.randrange(v)]
+        with torch.inference_mode():
+            torch.testing.assert_close(
+                forward_cached(target.model, nxt, row.cache),
+                forward_cached(target.model, nxt, ref),
+                atol=1e-4,
+                rtol=1e-4,
+            )
+
+
+def test_packing_needs_one_full_mask_for_every_layer(target) -> None:
+    import copy
+
+    assert packing_supported(target.model) is None
+    model = copy.copy(target.model)
+    model.config = copy.deepcopy(target.model.config)
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert "sliding-window" in packing_supported(model)
+    model.config = copy.deepcopy(target.model.config)
+    model.config._attn_implementation = "flash_attention_2"
+    assert "no 4-D mask" in packing_supported(model)
+    # the worker refuses to start packed on such a model, naming the key and what to use
+    with pytest.raises(ConfigError, match=r"batch_layout.*'padded' for this target"):
+        Verifier(_with_model(target, model), batch_layout="packed")
+    with pytest.raises(ValueError, match="batch_layout"):
+        Verifier(target, batch_layout="ragged")
+
+
+def _with_model(loaded, model):
+    import dataclasses
+
+    return dataclasses.replace(loaded, model=model)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -246,6 +303,21 @@ def test_verify_cost_bench_runs(tmp_path) -> None:
         assert set(k["rows"][1]["phases_ms"]) == {"stack", "model", "logits", "split"}
 
 
+def test_verify_cost_bench_times_both_layouts_with_mixed_rows(tmp_path) -> None:
+    from bench import verify_cost
+
+    folder = make_tiny_model_dir(tmp_path / "m", arch="qwen2", seed=1)
+    out = tmp_path / "cost.json"
+    assert verify_cost.main(["--model", str(folder), "--batches", "3", "--positions", "1,4", "--mix", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch", "--layout", "padded,packed", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["kernels"]["torch"]["rows"]
+    assert [(r["layout"], r["B"], r["k"], r["positions"]) for r in rows] == [
+        ("padded", 3, [1, 4], 6),  # rows of 1, 4 and 1 new tokens in one forward
+        ("packed", 3, [1, 4], 6),
+    ]
+    with pytest.raises(SystemExit):
+        verify_cost.main(["--model", str(folder), "--layout", "ragged"])
+
+
 def test_verify_cost_on_random_weights_needs_only_the_config(tmp_path, capsys) -> None:
     from bench import verify_cost
 
@@ -334,7 +406,29 @@ def test_a_narrow_row_is_never_padded_to_a_wide_one() -> None:
     assert [len(s.row.tokens) for _, s in mixed.select(_prepare)] == [1]
 
 
-def _simulate(sched: Scheduler, *, seconds: float, flood_k: int, flood_sessions: int) -> dict:
+def test_packed_forwards_take_rows_of_any_length_up_to_the_leaders_ratio() -> None:
+    """batch_layout packed: no padding, so mixed lengths share a forward (ratio: three forwards for
+    these six blocks, packed: two), every decode row rides beside a leading prefill, and the
+    budget counts real positions."""
+    packed = Scheduler(max_tokens=512, max_sessions=8, packed=True)
+    for device, k in (("a", 3), ("b", 5), ("c", 2), ("d", 7), ("e", 4), ("f", 1)):
+        packed.push(_job(device, "s", k=k))
+    assert [len(s.row.tokens) for _, s in packed.select(_prepare)] == [3, 5, 2, 4, 1]  # 7 > 2 x 3
+    assert [len(s.row.tokens) for _, s in packed.select(_prepare)] == [7]
+    lead = Scheduler(max_tokens=512, max_sessions=8, packed=True)
+    lead.push(_job("o", "open", k=300, prefill=True))
+    for i in range(4):
+        lead.push(_job(f"d{i}", "s", k=3))
+    assert [len(s.row.tokens) for _, s in lead.select(_prepare)] == [102, 3, 3, 3, 3]  # its share: 512 / 5
+    budget = Scheduler(max_tokens=20, max_sessions=16, packed=True)
+    for i in range(8):
+        budget.push(_job(f"d{i}", "s", k=3))
+    assert [len(s.row.tokens) for _, s in budget.select(_prepare)] == [3] * 6  # 18 real positions <= 20
+
+
+def _simulate(
+    sched: Scheduler, *, seconds: float, flood_k: int, flood_sessions: int, packed: bool = False
+) -> dict:
     """A worker's model loop on a clock: each forward costs 0.45 s + 30 ms per padded position (the
     demo target on one CPU core, roughly); the calm device has one session whose next draft comes
     back as soon as it is answered (a replaying edge), the flood keeps every session busy."""
@@ -346,7 +440,8 @@ def _simulate(sched: Scheduler, *, seconds: float, flood_k: int, flood_sessions:
     served: dict[str, int] = {"calm": 0, "flood": 0}
     while now[0] < seconds:
         batch = sched.select(_prepare)
-        cost = 0.45 + 0.03 * len(batch) * max(len(s.row.tokens) for _, s in batch)
+        ks = [len(s.row.tokens) for _, s in batch]
+        cost = 0.45 + 0.03 * (sum(ks) if packed else len(ks) * max(ks))
         now[0] += cost
         sched.charge(cost)
         for job, _ in batch:
@@ -364,6 +459,9 @@ def test_model_time_is_shared_fairly_with_a_flood_of_long_drafts() -> None:
     shared = _simulate(Scheduler(), seconds=100, flood_k=65, flood_sessions=4)
     assert shared["calm"] >= 0.4 * solo, (shared, solo)
     assert shared["flood"] > 0  # and the flood is still served
+    # packed forwards (cost per real position): the calm rows ride in the flood's forwards too
+    packed = _simulate(Scheduler(packed=True), seconds=100, flood_k=65, flood_sessions=4, packed=True)
+    assert packed["calm"] >= 0.4 * solo and packed["flood"] > 0, (packed, solo)
 
 
 def test_riders_hold_no_more_than_the_leaders_device() -> None:

@@ -88,13 +88,15 @@ def run_fleet(models, broker, uid: str, plans: list[tuple[float, GenerateOptions
     return out
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
-def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) -> None:
-    """Mixed γ, one cloud-only session, sessions joining late and leaving early."""
+def test_batched_equals_unbatched(models, reference, dev_broker, uid, params, layout) -> None:
+    """Mixed γ, one cloud-only session, sessions joining late and leaving early; in either layout."""
     rec = Recorder()
     worker = Worker(
-        models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, batch_window_ms=30
-    )
+        models["target"], dev_broker.config(), worker_id=f"w-{uid}", metrics=rec, batch_window_ms=30,
+        batch_layout=layout,
+    )  # fmt: skip
     worker.start()
     plans = [
         (0.0, GenerateOptions(gamma=1, max_new_tokens=20, params=params)),
@@ -111,6 +113,8 @@ def test_batched_equals_unbatched(models, reference, dev_broker, uid, params) ->
         assert got[i] == reference.run(PROMPTS[i % len(PROMPTS)], opts).token_ids, f"session {i}"
     assert max(s for s, _ in rec.forwards) >= 2, "no forward was shared: the test did not batch"
     assert all(pad >= pos for (_, pos), pad in zip(rec.forwards, rec.padded, strict=True))
+    if layout == "packed":  # no padding: a forward computes its real positions
+        assert all(pad == pos for (_, pos), pad in zip(rec.forwards, rec.padded, strict=True))
     assert not worker.bad_messages
 
 
