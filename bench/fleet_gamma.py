@@ -252,7 +252,7 @@ class GammaReplayer(Replayer):
             Observation(
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
                 link_ms=link_ms, verify_ms=reply.verify_ms, queue_ms=reply.queue_ms,
-                batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf, alpha=reply.alpha,
+                batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf,
             )
         )  # fmt: skip
         st.p += reply.n_acc + 1

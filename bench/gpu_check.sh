@@ -4,11 +4,12 @@
 #   1. verify cost (parts 1 and 3): ONE batched target forward over B sessions × k positions against B single
 #      forwards (bench.verify_cost), on random weights of the demo target's shape (bf16 and fp32)
 #      and of the default 8B target's (bf16), each split into stack / model / logits / split, and
-#      with greedy rows (only the argmax comes back to the host, as the worker does at T = 0);
+#      with greedy rows (only the argmax comes back to the host, as the worker does at T = 0), and
+#      both batch layouts (padded, packed) on rows of mixed length;
 #   2. the fleet bench (spececd-bench --fleet) through a real Mosquitto: a random-weight target of
 #      the demo target's shape (bench.random_models), batched and unbatched worker, speculative
 #      and cloud-only, N = $FLEET_NS ($FLEET_WORKERS picks the workers: batched, unbatched,
-#      cost). Random weights give no real acceptance, so the speculative
+#      cost, packed). Random weights give no real acceptance, so the speculative
 #      sessions replay the demo pair's rounds recorded on a CPU ($GPU_KIT/acceptance.json, a
 #      fleet run's recordings.json; spececd-bench --fleet-acceptance).
 #
@@ -92,14 +93,16 @@ want vc && part vc-demo-bf16 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bf
 # -- 2. the fleet bench: random-weight demo-shaped target, the demo pair's rounds, real Mosquitto --
 # FLEET_WORKERS picks the worker configurations, side by side in one run: batched (the defaults),
 # unbatched (one session a forward), cost (the batched worker with the width rule that reads the
-# measured forward cost instead of the default ratio rule: docs/ARCHITECTURE.md, "Width")
+# measured forward cost instead of the default ratio rule: docs/ARCHITECTURE.md, "Width"), packed
+# (the batched worker with batch_layout packed: no padding, docs/ARCHITECTURE.md, "Variable lengths")
 FLEET_WORKER_ARGS=()
 for w in ${FLEET_WORKERS//,/ }; do
   case $w in
     batched) FLEET_WORKER_ARGS+=(--fleet-worker "batched=--model-device $DEVICE --dtype float32") ;;
     unbatched) FLEET_WORKER_ARGS+=(--fleet-worker "unbatched=--model-device $DEVICE --dtype float32 --max-batch-sessions 1") ;;
     cost) FLEET_WORKER_ARGS+=(--fleet-worker "cost=--model-device $DEVICE --dtype float32 --width-rule cost") ;;
-    *) echo "FLEET_WORKERS: unknown worker configuration '$w' (batched, unbatched, cost)" >&2; exit 2 ;;
+    packed) FLEET_WORKER_ARGS+=(--fleet-worker "packed=--model-device $DEVICE --dtype float32 --batch-layout packed") ;;
+    *) echo "FLEET_WORKERS: unknown worker configuration '$w' (batched, unbatched, cost, packed)" >&2; exit 2 ;;
   esac
 done
 TARGET=$(mktemp -d)/target
@@ -114,4 +117,7 @@ want vc && part vc-8b-bf16 120 $PY "${VC[@]}" --model "$BIG_CONFIG" --dtype bflo
 want vc && part vc-demo-bf16-greedy 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bfloat16 --greedy \
   --json "$RES/vc-demo-bf16-greedy.json"
 want vc && part vc-demo-fp32 60 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype float32 --json "$RES/vc-demo-fp32.json"
+# both batch layouts, rows of mixed length (the VC_POSITIONS values in turn) in one forward
+want vc && part vc-demo-mixed 90 $PY "${VC[@]}" --model "$DEMO_CONFIG" --dtype bfloat16 --greedy --layout padded,packed \
+  --mix --json "$RES/vc-demo-mixed.json"
 note "done"

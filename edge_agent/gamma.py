@@ -13,13 +13,7 @@ round, so it follows a changing prompt, network or worker load within a few roun
 
 - α: the session's per-token acceptance, a Beta posterior over judged positions (accepted ones
   are successes, the first rejected one a failure) around the prior ``alpha``, holding at most
-  ``alpha_window`` positions of evidence so that a change of prompt shows within a few rounds.
-  Where the verdict carries the worker's theoretical acceptance of each judged position,
-  α_i = Σ_x min(p_i(x), q_i(x)) (the chance that position's draft was accepted, given what the
-  draft and the target said there), a position counts α_i success and 1 − α_i failure instead
-  of its 0/1 outcome: the same expectation (each outcome's mean given the position is α_i), far
-  less variance at T > 0, where one round's outcomes are a few coin flips. At T = 0 α_i is the
-  outcome itself, so nothing changes there. The confidence bins (below) count the same way;
+  ``alpha_window`` positions of evidence so that a change of prompt shows within a few rounds;
 - d: the draft's cost per token on this device (``draft_ms`` / tokens drafted in ``propose``);
 - ready: drafts already made ahead while the previous block was verified (pipelining), which
   cost nothing now;
@@ -112,16 +106,6 @@ class Observation:
     batch: int | None = None  # sessions in that forward, if the worker says
     confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
     overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
-    alpha: tuple[float, ...] = ()  # the verdict's theoretical acceptance of each judged position
-
-    def outcomes(self) -> tuple[float, ...]:
-        """What each judged position counts as accepted: the verdict's α_i (clamped to [0, 1])
-        when it gives one per judged position, else 1 for an accepted draft and 0 for the
-        rejected one (a worker that does not send α, or an answer that does not fit the block)."""
-        judged = min(self.n_acc + 1, self.gamma)
-        if len(self.alpha) == judged and all(math.isfinite(a) for a in self.alpha):
-            return tuple(min(1.0, max(0.0, a)) for a in self.alpha)
-        return tuple(1.0 if i < self.n_acc else 0.0 for i in range(judged))
 
 
 class RoundCost(NamedTuple):
@@ -228,10 +212,9 @@ class GammaController:
         f = self.priors.forget
         self.rounds += 1
         self._measured = True
-        outcomes = obs.outcomes()
-        accepted = sum(outcomes)
-        self._acc = self._acc * f + accepted
-        self._rej = self._rej * f + (len(outcomes) - accepted)
+        judged = min(obs.n_acc + 1, obs.gamma)
+        self._acc = self._acc * f + obs.n_acc
+        self._rej = self._rej * f + (judged - obs.n_acc)
         held = self._acc + self._rej
         if held > self.priors.alpha_window:  # keep the newest evidence worth a window of positions
             self._acc *= self.priors.alpha_window / held
@@ -239,10 +222,8 @@ class GammaController:
         for b in self._conf:
             b[0] *= self.priors.conf_forget
             b[1] *= self.priors.conf_forget
-        for c, a in zip(obs.confidence, outcomes, strict=False):
-            b = self._conf[_bin(c)]
-            b[0] += a
-            b[1] += 1.0 - a
+        for i, c in enumerate(obs.confidence[:judged]):
+            self._conf[_bin(c)][0 if i < obs.n_acc else 1] += 1.0
         if obs.drafted > 0:
             self._draft.add(obs.draft_ms / obs.drafted, f)
         self._net.add(max(0.0, obs.link_ms - obs.verify_ms - obs.queue_ms), f)

@@ -330,7 +330,7 @@ def _speculative(
                     verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
                     batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
                     batch=getattr(verdict, "batch", None),
-                    confidence=block.confidence, overhang_ms=overhang_ms, alpha=verdict.alpha,
+                    confidence=block.confidence, overhang_ms=overhang_ms,
                 )
             )  # fmt: skip
             drafter.commit(new)  # 3. commit; the cache keeps what still agrees

@@ -200,24 +200,6 @@ def test_a_new_draft_model_at_a_freed_ones_address_starts_cold() -> None:
     assert spec._learned(type("D", (), {"loaded": new})(), Link()) is None
 
 
-def test_the_controller_learns_from_the_verdicts_theoretical_acceptance(models, monkeypatch) -> None:
-    """At T > 0 the loop hands the controller each verdict's α_i (Σ min(p, q) of each judged
-    position), which it counts instead of the 0/1 outcomes."""
-    seen: list = []
-
-    class Recording(GammaController):
-        def observe(self, obs) -> None:
-            seen.append(obs)
-            super().observe(obs)
-
-    monkeypatch.setattr(spec, "gamma_controller", lambda opts, previous=None: Recording())
-    pair = InProcessPair.from_models(models["draft"], models["target"])
-    res = pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=SAMPLED))
-    assert len(seen) == len(res.rounds) and [o.alpha for o in seen] == [r.alpha for r in res.rounds]
-    assert any(0.0 < a < 1.0 for o in seen for a in o.alpha)  # fractional at T > 0
-    assert [o.outcomes() for o in seen] == [tuple(min(1.0, a) for a in r.alpha) for r in res.rounds]
-
-
 @pytest.mark.parametrize("params", [GREEDY, NARROW], ids=["greedy", "sampled"])
 def test_auto_gamma_grows_with_a_slow_round_trip_and_stays_exact(models, scripted, params) -> None:
     """A draft equal to the target passes every block and a verify round trip is slow: the

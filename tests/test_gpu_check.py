@@ -38,12 +38,20 @@ def test_gpu_check_runs_every_part_on_a_tiny_kit(tiny_pair, tmp_path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "GPU_KIT": str(kit), "OUT": str(out), "DEVICE": "cpu", "BIG_CONFIG": str(big),
            "PYTHON": sys.executable, "VC_BATCHES": "1,2", "VC_POSITIONS": "1,3", "VC_CACHE": "8",
-           "VC_REPEAT": "1", "FLEET_NS": "1,2", "FLEET_SECONDS": "1", "FLEET_WORKERS": "batched,unbatched,cost", "NUM_PROMPTS": "2", "MAX_NEW": "8"}  # fmt: skip
+           "VC_REPEAT": "1", "FLEET_NS": "1,2", "FLEET_SECONDS": "1", "FLEET_WORKERS": "batched,unbatched,cost,packed", "NUM_PROMPTS": "2", "MAX_NEW": "8"}  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
-    parts = ["vc-demo-bf16", "target", "fleet", "vc-8b-bf16", "vc-demo-bf16-greedy", "vc-demo-fp32"]
+    parts = [
+        "vc-demo-bf16",
+        "target",
+        "fleet",
+        "vc-8b-bf16",
+        "vc-demo-bf16-greedy",
+        "vc-demo-fp32",
+        "vc-demo-mixed",
+    ]
     for part in parts:
         assert f"== {part}: exit 0" in summary, summary[-3000:]
     with tarfile.open(out / "gpu-results.tgz") as tar:
@@ -56,7 +64,7 @@ def test_gpu_check_runs_every_part_on_a_tiny_kit(tiny_pair, tmp_path) -> None:
     cells = fleet["cells"]
     assert {(c["worker"], c["mode"], c["n"]) for c in cells} == {
         (w, m, n)
-        for w in ("batched", "unbatched", "cost")
+        for w in ("batched", "unbatched", "cost", "packed")
         for m in ("speculative", "cloud-only")
         for n in (1, 2)
     }
