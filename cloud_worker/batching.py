@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from shared.kvcache import forward_cached, forward_kwargs, last_logits_only, logits_kwarg
 
@@ -221,6 +222,66 @@ def _to_host(logits: torch.Tensor, greedy: list[bool]) -> list[torch.Tensor]:
 
 
 LAYOUTS = ("padded", "packed")
+PACKED_ATTENTION = "spececd_packed"  # the attention of a packed forward on an sdpa model (_packed_attention)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """Where each row of a packed forward lies: (its first cached position, its cache length, its
+    first new token, its new tokens), the new tokens' positions counted from the end of the ΣL
+    cached ones (``cached``)."""
+
+    rows: tuple[tuple[int, int, int, int], ...]
+    cached: int
+
+
+def _packed_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_rows: _Segments | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a packed forward, row by row: each row's queries against its own cached keys
+    and its own new ones (causal among those), Σ k_i × (L_i + k_i) work, as padded, instead of the
+    masked Σk × (ΣL + Σk) of one attention over everything (which also made transformers repeat
+    the grouped keys: +30 % of a forward at 8 × 1 with caches of 384, docs/BENCHMARKS.md §4.10).
+    Keys and values are read in place (views of the cache); query heads are grouped by their key
+    head (the head order of ``repeat_kv``), so grouped-query models need no copies of the keys.
+    Without ``packed_rows`` (any other forward), sdpa's own attention."""
+    if packed_rows is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    _, h, _, d = query.shape  # [1, H, Σk, D]
+    hkv = key.shape[1]  # key, value [1, Hkv, ΣL + Σk, D]
+    g = h // hkv
+    scale = scaling if scaling is not None else d**-0.5
+    c = packed_rows.cached
+    out = []
+    for at, n, s, k in packed_rows.rows:
+        q = query[0, :, s : s + k].reshape(hkv, g * k, d)  # [Hkv, g·k, D]: query head kv·g + j, position t
+        kc, vc = key[0, :, at : at + n], value[0, :, at : at + n]  # [Hkv, n, D], views
+        kn, vn = key[0, :, c + s : c + s + k], value[0, :, c + s : c + s + k]  # [Hkv, k, D]
+        scores_new = torch.matmul(q, kn.transpose(-1, -2))  # [Hkv, g·k, k]
+        if k > 1:  # new token t sees new tokens 0..t
+            t = torch.arange(k, device=q.device)
+            hidden = (t[None, :] > t[:, None]).repeat(g, 1)  # [g·k, k]
+            scores_new = scores_new.masked_fill(hidden, float("-inf"))
+        scores = (
+            torch.cat([torch.matmul(q, kc.transpose(-1, -2)), scores_new], dim=-1) * scale
+        )  # [Hkv, g·k, n + k]
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(p[..., :n], vc) + torch.matmul(p[..., n:], vn)  # [Hkv, g·k, D]
+        out.append(o.reshape(h, k, d))
+    return torch.cat(out, dim=1).transpose(0, 1)[None].contiguous(), None  # [1, Σk, H, D]
+
+
+AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 
 
 def packing_supported(model) -> str | None:
@@ -293,14 +354,28 @@ def forward_packed(
         device=dev,
     )
     kw = logits_kwarg(type(model))
-    out = model(
-        input_ids=ids.to(dev),
-        attention_mask=_packed_mask(lens, ks, model.dtype).to(dev),
-        position_ids=pos.to(dev),
-        use_cache=True,
-        **forward_kwargs(type(model), past),
-        **({kw: keep} if kw else {}),
+    # On an sdpa model the attention runs row by row (_packed_attention, for this forward only);
+    # an eager one applies the 4-D mask (given either way: transformers then builds no mask)
+    config = model.config
+    impl = config._attn_implementation
+    rowwise = impl == "sdpa"
+    segments = _Segments(
+        tuple(zip([sum(lens[:i]) for i in range(len(lens))], lens, starts, ks, strict=True)), sum(lens)
     )
+    if rowwise:
+        config._attn_implementation = PACKED_ATTENTION
+    try:
+        out = model(
+            input_ids=ids.to(dev),
+            attention_mask=_packed_mask(lens, ks, model.dtype).to(dev),
+            position_ids=pos.to(dev),
+            use_cache=True,
+            **forward_kwargs(type(model), past),
+            **({kw: keep} if kw else {}),
+            **({"packed_rows": segments} if rowwise else {}),
+        )
+    finally:
+        config._attn_implementation = impl
     phase.mark("model")
     kept = out.logits[0, :, :vocab_size]  # [len(keep), V]
     if kw is None:  # a model without the keyword computed all Σk positions

@@ -143,6 +143,40 @@ def test_packed_rows_without_logits_leave_the_same_cache_and_skip_the_projection
             )
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_attention_row_by_row_or_by_mask_equals_single_forwards(target, impl, monkeypatch) -> None:
+    """On an sdpa model a packed forward's attention runs row by row (grouped query heads against
+    their own row's keys, read in place); on an eager one through the 4-D mask. Both give every
+    row its single forward's logits, and the model's attention setting is restored after."""
+    from cloud_worker import batching
+
+    calls = []
+    rowwise = batching._packed_attention
+    monkeypatch.setattr(
+        batching.AttentionInterface,
+        "_global_mapping",
+        {
+            **batching.AttentionInterface._global_mapping,
+            batching.PACKED_ATTENTION: lambda *a, **k: calls.append(1) or rowwise(*a, **k),
+        },
+    )
+    before = target.model.config._attn_implementation
+    target.model.config._attn_implementation = impl
+    try:
+        rng = random.Random(3)
+        v = target.vocab_size
+        specs = [([rng.randrange(v) for _ in range(n)], [rng.randrange(v) for _ in range(k)]) for n, k in ((17, 1), (0, 5), (9, 3), (30, 2))]  # fmt: skip
+        rows = [Row(_cache(target.model, p), len(p), t) for p, t in specs]
+        got = forward_packed(target.model, rows, v)
+        assert target.model.config._attn_implementation == impl
+        for (p, t), lg in zip(specs, got, strict=True):
+            (want,) = forward_rows(target.model, [Row(_cache(target.model, p), len(p), t)], v)
+            torch.testing.assert_close(lg, want, atol=1e-4, rtol=1e-4)
+    finally:
+        target.model.config._attn_implementation = before
+    assert bool(calls) == (impl == "sdpa")
+
+
 def test_packing_needs_one_full_mask_for_every_layer(target) -> None:
     import copy
 
