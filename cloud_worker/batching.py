@@ -10,9 +10,9 @@ Two layouts (docs/ARCHITECTURE.md, "Worker: batched verification"; the worker's 
   (Σ k_i positions, no padding), the rows' caches are laid end to end as one cache, and a 4-D
   mask lets each new token see its own session's cache and its own earlier new tokens only;
   position ids continue each session's own positions. The linear layers (most of a forward)
-  compute exactly the real positions; attention computes every new token against every row's
-  cache (masked), Σ k_i × Σ L_i, which is small next to them at a few hundred cached tokens a
-  session; and only rows that want logits get the vocabulary projection.
+  compute exactly the real positions; on an sdpa model the attention runs row by row
+  (:func:`_packed_attention`: Σ k_i × (L_i + k_i), as padded), on an eager one through the mask;
+  and only rows that want logits get the vocabulary projection.
 
 After the forward each session gets back its own cache (its part sliced out and copied), so
 rollback (``crop``) stays per session. A single row runs unpadded on the session's own cache:

@@ -70,7 +70,9 @@ class Verifier:
             raise ValueError(f"batch_layout must be one of {', '.join(LAYOUTS)}, got {batch_layout!r}")
         if batch_layout == "packed" and (why := packing_supported(loaded.model)) is not None:
             raise ConfigError("batch_layout", batch_layout, f"'padded' for this target ({why})")
-        self._forward = forward_packed if batch_layout == "packed" else forward_rows
+        self._batched = (
+            forward_packed if batch_layout == "packed" else forward_rows
+        )  # one forward over many rows
         self.loaded = loaded
         self.model = loaded.model
         self.vocab_size = loaded.vocab_size
@@ -256,7 +258,7 @@ class Verifier:
         positions = sum(len(s.row.tokens) for s in steps)
         t0 = time.perf_counter()
         try:
-            logits = self._forward(self.model, [s.row for s in steps], self.vocab_size)
+            logits = self._batched(self.model, [s.row for s in steps], self.vocab_size)
         except Exception:
             for s in steps:  # the single-row path grows the cache in place: put it back
                 crop(s.sess.cache, s.sess.cache.get_seq_length(), s.sess.cache_len)
