@@ -21,6 +21,7 @@ exactly the unbatched path, in either layout.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -302,6 +303,11 @@ def packing_supported(model) -> str | None:
     return None
 
 
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each of consecutive parts of these ``sizes`` starts."""
+    return [0, *itertools.accumulate(sizes)][:-1]
+
+
 def _packed_mask(lens: list[int], ks: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The additive mask ``[1, 1, Σk, ΣL + Σk]`` of a packed forward: new token t of row i sees
     row i's cached positions and row i's new tokens up to t; everything else is masked."""
@@ -347,10 +353,12 @@ def forward_packed(
             ]
         )  # per layer [1, H, ΣL, D]: the caches end to end
     phase.mark("stack")
+    # where each row lies: its cached positions in the joined cache, its new tokens in the sequence
+    segments = _Segments(tuple(zip(_offsets(lens), lens, _offsets(ks), ks, strict=True)), sum(lens))
     # logits only where a row wants them (a prefill chunk needs none: no vocabulary projection)
-    starts = [sum(ks[:i]) for i in range(len(ks))]
     keep = torch.tensor(
-        [s + j for r, s, k in zip(rows, starts, ks, strict=True) if r.logits for j in range(k)] or [0],
+        [s + j for r, (_, _, s, k) in zip(rows, segments.rows, strict=True) if r.logits for j in range(k)]
+        or [0],
         device=dev,
     )
     kw = logits_kwarg(type(model))
@@ -359,9 +367,6 @@ def forward_packed(
     config = model.config
     impl = config._attn_implementation
     rowwise = impl == "sdpa"
-    segments = _Segments(
-        tuple(zip([sum(lens[:i]) for i in range(len(lens))], lens, starts, ks, strict=True)), sum(lens)
-    )
     if rowwise:
         config._attn_implementation = PACKED_ATTENTION
     try:
@@ -380,31 +385,21 @@ def forward_packed(
     kept = out.logits[0, :, :vocab_size]  # [len(keep), V]
     if kw is None:  # a model without the keyword computed all Σk positions
         kept = kept[keep]
-    # one transfer per kind: argmax ids for the greedy rows' positions, float logits for the rest
-    wanted = [(r, k) for r, k in zip(rows, ks, strict=True) if r.logits]
-    flags = [r.greedy for r, k in wanted for _ in range(k)]
-    pick = lambda want: torch.tensor([i for i, g in enumerate(flags) if g == want], device=dev)  # noqa: E731
-    ids_host = (
-        iter(kept[pick(True)].argmax(dim=-1).cpu().split([k for r, k in wanted if r.greedy]))
-        if any(flags)
-        else None
-    )
-    full_host = (
-        iter(kept[pick(False)].float().cpu().split([k for r, k in wanted if not r.greedy]))
-        if not all(flags)
-        else None
-    )
+    # one transfer per kind: argmax ids of the greedy rows' positions, float logits of the others
+    wanted = [r for r in rows if r.logits]
+    if wanted:
+        greedy = torch.tensor([r.greedy for r in wanted for _ in r.tokens], device=dev)  # per kept position
+        ids_host = iter(kept[greedy].argmax(dim=-1).cpu().split([len(r.tokens) for r in wanted if r.greedy]))
+        full_host = iter(kept[~greedy].float().cpu().split([len(r.tokens) for r in wanted if not r.greedy]))
     phase.mark("logits")
     grown = layer_kv(past)
-    total, result = sum(lens), []
-    for r, n, at, s, k in zip(rows, lens, [sum(lens[:i]) for i in range(len(lens))], starts, ks, strict=True):
-        # this row's cached positions, then its new tokens, copied out: memory it owns alone
+    result = []
+    for r, (at, n, s, k) in zip(rows, segments.rows, strict=True):
+        c = segments.cached + s  # this row's new tokens in the grown cache
+        # its cached positions, then its new tokens, copied out: memory it owns alone
         r.cache = cache_of(
             [
-                tuple(
-                    torch.cat([t[..., at : at + n, :], t[..., total + s : total + s + k, :]], dim=2)
-                    for t in pair
-                )
+                tuple(torch.cat([t[..., at : at + n, :], t[..., c : c + k, :]], dim=2) for t in pair)
                 for pair in grown
             ]
         )

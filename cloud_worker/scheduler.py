@@ -313,11 +313,17 @@ class Scheduler:
         if not total or seconds < 0:
             return
         if measured and len(rows) > 1 and not self.packed:  # a single row runs unpadded: another path
-            self.cost.add(len(rows) * max(k for _, k in rows), seconds)
+            self.cost.add(self.padded(rows), seconds)
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for device, k in rows:
             self.vtime[device] = self.vtime.get(device, 0.0) + seconds * k / total
             self._vnow = max(self._vnow, self.vtime[device])
+
+    def padded(self, rows: list[tuple[str, int]]) -> int:
+        """The positions a forward of ``rows`` (device, positions) computes: rows × its widest row,
+        or, packed, the rows' own."""
+        ks = [k for _, k in rows]
+        return sum(ks) if self.packed else len(ks) * max(ks, default=0)
 
     def select(self, prepare: Callable[[Job], Step | None]) -> list[tuple[Job, Step]]:
         """Take the jobs of the next forward. ``prepare(job)`` validates a job and returns its

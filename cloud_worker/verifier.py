@@ -70,9 +70,7 @@ class Verifier:
             raise ValueError(f"batch_layout must be one of {', '.join(LAYOUTS)}, got {batch_layout!r}")
         if batch_layout == "packed" and (why := packing_supported(loaded.model)) is not None:
             raise ConfigError("batch_layout", batch_layout, f"'padded' for this target ({why})")
-        self._batched = (
-            forward_packed if batch_layout == "packed" else forward_rows
-        )  # one forward over many rows
+        self._batched = forward_packed if batch_layout == "packed" else forward_rows  # many rows, one forward
         self.loaded = loaded
         self.model = loaded.model
         self.vocab_size = loaded.vocab_size

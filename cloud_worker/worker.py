@@ -289,12 +289,9 @@ class Worker(Intake):
             )
         jobs = dict((id(step), job) for job, step in batch)
         self._answered_keys = {job.key for job, step in batch if not step.more}
-        padded = (
-            sum(k for _, k in rows)
-            if self.scheduler.packed
-            else len(rows) * max((k for _, k in rows), default=0)
+        self.metrics.forward(
+            len(batch), results[0][0].batch_pos if results else 0, self.scheduler.padded(rows)
         )
-        self.metrics.forward(len(batch), results[0][0].batch_pos if results else 0, padded)
         for step, replies in results:
             job = jobs[id(step)]
             for reply in replies:

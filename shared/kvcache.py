@@ -25,22 +25,18 @@ def forward_kwargs(model_cls: type, kv: DynamicCache) -> dict:
 
 
 @cache
-def _keep_kwarg(model_cls: type) -> str | None:
-    params = inspect.signature(model_cls.forward).parameters
-    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
-
-
 def logits_kwarg(model_cls: type) -> str | None:
     """The keyword of ``model_cls.forward`` that says which positions get logits (an int: the
     last n; a 1-D tensor: those indices), or None when this release or model has none."""
-    return _keep_kwarg(model_cls)
+    params = inspect.signature(model_cls.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
 
 
 def last_logits_only(model_cls: type) -> dict:
     """Keyword arguments that make ``model_cls.forward`` compute the logits of the last position
     only (a prefill needs none: this skips the vocabulary projection of every other position);
     empty when this release or model has no such argument."""
-    name = _keep_kwarg(model_cls)
+    name = logits_kwarg(model_cls)
     return {name: 1} if name else {}
 
 

