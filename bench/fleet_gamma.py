@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -182,9 +184,10 @@ class GammaReplayer(Replayer):
         self.draft_ms = draft_ms
         self.priors = priors
         self.predictions: list[Prediction] = []
+        self.reasons: list[tuple[float, int, str]] = []  # (when, slot, the controller's reason)
 
     def run(self, plan, **kw):
-        self.predictions = []
+        self.predictions, self.reasons = [], []
         return super().run(plan, **kw)
 
     def _session(self, slot: _Slot) -> _Session:
@@ -205,6 +208,7 @@ class GammaReplayer(Replayer):
             self._next(slot)
             return
         choice = st.ctrl.decide(ready=0, remaining=rec.max_new - st.p)
+        self.reasons.append((time.perf_counter(), slot.index, choice.reason))
         chain, conf = rec.chains[st.p], rec.conf[st.p]
         gamma = max(1, min(choice.gamma, len(chain), len(rec.target) - 1 - st.p))
         gamma = stop_point(conf, choice.stop_below, gamma) or gamma
@@ -272,8 +276,11 @@ def gamma_figures(replayer: GammaReplayer, t0: float, t1: float) -> dict:
     pred = [x for x in window if x.cost is None or x.cost.verify > 0]
     pred_tok, act_tok = sum(x.tokens for x in pred), sum(x.committed for x in pred)
     pred_ms, act_ms = sum(x.round_ms for x in pred), sum(x.actual_ms for x in pred)
+    last = {slot: reason for t, slot, reason in replayer.reasons if t0 <= t <= t1}
     return {
         "gamma_mean": round(statistics.fmean(r.gamma for r in inside), 2) if inside else None,
+        "gamma_sent": dict(sorted(Counter(r.gamma for r in inside).items())),  # γ sent -> rounds
+        "last_reasons": [last[slot] for slot in sorted(last)],  # each slot's last choice in the window
         "pred_tokens_ratio": round(pred_tok / act_tok, 3) if act_tok else None,
         "pred_round_ratio": round(pred_ms / act_ms, 3) if act_ms else None,
         "round_terms": round_terms(pred),

@@ -129,6 +129,17 @@ def round_terms_section(sweep: list[dict]) -> list[str]:
         terms = c["round_terms"]
         cols = " | ".join(f"{terms[t][0]:g} / {terms[t][1]:g}" for t in TERMS)
         out.append(f"| {c['worker']} | {c['n']} | {c['mode'].removeprefix(GAMMA_MODE)} | {cols} |")
+    auto = [c for c in rows if c["mode"] == f"{GAMMA_MODE}auto" and c.get("gamma_sent")]
+    if auto:
+        out += [
+            "",
+            "Auto's choices: rounds per γ sent, and each session slot's last reason in the window:",
+            "",
+        ]
+    for c in auto:
+        sent = ", ".join(f"γ {g}: {k}" for g, k in c["gamma_sent"].items())
+        out.append(f"- {c['worker']}, N = {c['n']}: {sent}")
+        out += [f"  - `{reason}`" for reason in c.get("last_reasons", [])]
     return out
 
 

@@ -8,11 +8,13 @@ interleaved with everyone else's work.
 Who leads (fair in model TIME, not in rows): every device has a virtual time, the seconds of
 target forwards charged to it (``charge``: a forward's wall time split over its rows by their
 real positions). The device with the least virtual time that has work leads the next forward;
-ties go round-robin. A device that had no work, or is new, comes back at most ``credit`` seconds
-(a few forwards) behind the devices with work, or behind the worker's virtual time when none has
-work: going idle between rounds costs a device nothing, a device idle for long cannot bank time,
-and one that had the worker to itself is not made to pay for it when another arrives. A flood
-of long drafts is charged what its forwards cost and waits while the others catch up.
+ties go round-robin. A device between rounds keeps what its forwards cost it but comes back at
+most ``credit`` seconds (a few forwards) behind the devices with work; one back from idle, or new,
+starts exactly ``credit`` behind them, or behind the worker's virtual time when none has work
+(``_place``): going idle between rounds costs a device nothing, a device idle for long can bank
+no time and carries no debt, and one that had the worker to itself is not made to pay for it
+when another arrives. A flood of long drafts is charged what its forwards cost and waits while
+the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
 round again, until the forward is full. A padded forward computes rows × its widest row, and
@@ -142,6 +144,9 @@ class Scheduler:
         self._forward_s = 0.0  # a running mean of a forward's wall time
         self.last_rows: list[tuple[str, int]] = []  # (device, positions) of the last selected forward
         self._vnow = 0.0  # the worker's virtual time: the furthest a served device has got
+        # devices placed by ``push`` (new, or back from idle) and not charged since -> the floor
+        # they were placed against: the floor the next arrival is placed against, too
+        self._placed: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}  # session -> when its last answer went out
         self._gaps: OrderedDict[str, _Gap] = OrderedDict()  # session -> answer-to-next-request gap (s)
 
@@ -156,6 +161,16 @@ class Scheduler:
     def _busy_floor(self) -> float:
         """The least model time of the devices with work (the worker's virtual time when none has)."""
         busy = [self.vtime.get(d, 0.0) for d, t in self.devices.items() if t]
+        return min(busy) if busy else self._vnow
+
+    def _placement_floor(self) -> float:
+        """What a device that comes back from idle (or is new) is placed ``credit`` behind: the
+        least model time of the devices with work, counting one placed so and not served since
+        at the floor it was placed against. Otherwise devices arriving together cascade: each
+        would go ``credit`` behind the one placed just before it (eight edges opening at once
+        spread over seven credits, and the first waited seconds whenever their rows did not
+        fit one forward)."""
+        busy = [self._placed.get(d, self.vtime.get(d, 0.0)) for d, t in self.devices.items() if t]
         return min(busy) if busy else self._vnow
 
     def push(self, job: Job, *, front: bool = False) -> bool:
@@ -173,10 +188,10 @@ class Scheduler:
                     del self.devices[idle]
                     self.vtime.pop(idle, None)
                     self._seen.pop(idle, None)
+                    self._placed.pop(idle, None)
             turn = self.devices.setdefault(job.device, deque())
-            if not turn:  # the device comes back from idle (or is new): at most ``credit`` behind
-                floor = self._busy_floor() - self.credit
-                self.vtime[job.device] = max(self.vtime.get(job.device, floor), floor)
+            if not turn:  # the device is between rounds, back from idle, or new
+                self._place(job.device)
             turn.append(job.key)
         if front:
             q.appendleft(job)
@@ -204,6 +219,29 @@ class Scheduler:
             del self.queues[key]
             self.devices[job.device].remove(key)  # the device keeps its place in the turn order
         return job
+
+    @property
+    def _recent_s(self) -> float:
+        """How long after its last work a device still counts as busy (for the shares, and
+        between rounds)."""
+        return max(RECENT_S, 3 * self._forward_s)
+
+    def _place(self, device: str) -> None:
+        """Where a device that has work again starts in model time. Between rounds (it had work
+        within ``_recent_s``) where its own forwards put it, but at most ``credit`` behind the
+        devices with work. Back from idle, or new, exactly ``credit`` behind them: it banked
+        nothing while away, and it carries no debt either. A device once served far more than
+        the others (it had the worker alone, or the others were new) would otherwise wait
+        behind each newcomer until that one caught up, whenever their rows did not fit one
+        forward: a fleet-γ run at N = 8 held such devices' drafts for 4–8 s."""
+        ref = self._placement_floor()
+        floor = ref - self.credit
+        away = self._clock() - self._seen.get(device, -math.inf) > self._recent_s
+        if away or device not in self.vtime or self.vtime[device] < floor:
+            self.vtime[device] = floor
+            self._placed[device] = ref
+        else:  # it stands where its own forwards put it
+            self._placed.pop(device, None)
 
     def owed(self, keys: set[str]) -> set[str]:
         """Those of ``keys`` (sessions just answered, not queued again yet) whose device would
@@ -294,6 +332,7 @@ class Scheduler:
         for device in devices:
             self.vtime[device] = self.vtime.get(device, self._vnow) + seconds / len(devices)
             self._vnow = max(self._vnow, self.vtime[device])
+            self._placed.pop(device, None)
 
     def gap_s(self, key: str) -> float | None:
         """The expected gap (s) between an answer to session ``key`` and its next request."""
@@ -315,9 +354,12 @@ class Scheduler:
         if measured and len(rows) > 1 and not self.packed:  # a single row runs unpadded: another path
             self.cost.add(self.padded(rows), seconds)
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
+        now = self._clock()
         for device, k in rows:
             self.vtime[device] = self.vtime.get(device, 0.0) + seconds * k / total
             self._vnow = max(self._vnow, self.vtime[device])
+            self._placed.pop(device, None)
+            self._seen[device] = now  # it had work until now (a long forward is no time away)
 
     def padded(self, rows: list[tuple[str, int]]) -> int:
         """The positions a forward of ``rows`` (device, positions) computes: rows × its widest row,
@@ -332,7 +374,7 @@ class Scheduler:
         for device, turn in self.devices.items():
             if turn:
                 self._seen[device] = now
-        recent = max(RECENT_S, 3 * self._forward_s)
+        recent = self._recent_s
         for device in [d for d, t in self._seen.items() if now - t > recent]:
             del self._seen[device]
         # a device's share of the forward's positions while others have (or just had) work: its

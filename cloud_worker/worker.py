@@ -233,9 +233,18 @@ class Worker(Intake):
                 self._intake(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        if self.rejoin_auto and (missing := self.scheduler.missing(awaited, before)):
+        missing = self.scheduler.missing(awaited, before)
+        if self.rejoin_auto and missing:
             # waited for in vain: the wait is charged to their devices' model time (Scheduler.rejoining)
             self.scheduler.charge_wait(missing, time.monotonic() - start)
+        if awaited and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "rejoin wait %.1f ms of %.1f for %d sessions, missing %s",
+                (time.monotonic() - start) * 1e3,
+                window * 1e3,
+                len(awaited),
+                " ".join(sorted(missing)) or "none",
+            )
 
     def _drain_intake(self) -> None:
         while True:
@@ -255,6 +264,10 @@ class Worker(Intake):
             self._count("internal")
 
     def _forward_once(self) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:  # model time of the devices with work, before the choice
+            vt = self.scheduler.vtime
+            model_time = " ".join(f"{d}={vt.get(d, 0.0):.2f}" for d, t in self.scheduler.devices.items() if t)
         batch = self.scheduler.select(self._prepare)
         if not batch:
             return
@@ -264,6 +277,7 @@ class Worker(Intake):
             # what the answer reports: the turns it waited included
             step.queue_ms = (now - job.received_at) * 1e3
         rows = self.scheduler.last_rows  # charge() below clears them
+        left = set(self.scheduler.queues) if debug else set()
         started = time.perf_counter()
         try:
             results = self.verifier.run([step for _, step in batch])
@@ -283,9 +297,16 @@ class Worker(Intake):
             return
         elapsed = time.perf_counter() - started
         self.scheduler.charge(elapsed)
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug(
-                "forward %.0f ms, device:positions %s", elapsed * 1e3, " ".join(f"{d}:{k}" for d, k in rows)
+                "forward %.0f ms, session:positions:queue ms %s; left queued %s; model time %s",
+                elapsed * 1e3,
+                " ".join(
+                    f"{job.key}:{k}{'p' if job.prefill else ''}:{step.queue_ms:.0f}"
+                    for (job, step), (_, k) in zip(batch, rows, strict=True)
+                ),
+                " ".join(sorted(left)) or "none",
+                model_time,
             )
         jobs = dict((id(step), job) for job, step in batch)
         self._answered_keys = {job.key for job, step in batch if not step.more}

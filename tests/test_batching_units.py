@@ -524,6 +524,107 @@ def test_an_idle_device_comes_back_with_bounded_credit() -> None:
     assert sched.select(_prepare)[0][0].device == "late"
 
 
+def _warmed_scheduler() -> Scheduler:
+    """A scheduler that served one device for 11 forwards of 1 s (credit 4 s); now idle."""
+    sched = Scheduler()
+    for _ in range(11):
+        sched.push(_job("before", "b"))
+        sched.select(_prepare)
+        sched.charge(1.0)
+    return sched
+
+
+def test_devices_that_arrive_together_start_level() -> None:
+    """A fleet of eight edges opening at once: each new device used to be placed ``credit``
+    behind the least of the devices with work, the one placed just before it included, so the
+    eighth started 7 credits (11 s on the demo pair) ahead of the first, and whenever their rows
+    did not fit one forward the first waited seconds behind the others (a fleet-γ run at N = 8:
+    8-position drafts queued 6.6 s behind 2-position ones)."""
+    sched = _warmed_scheduler()
+    for i in range(8):
+        sched.push(_job(f"edge{i}", "s"))
+    starts = [sched.vtime[f"edge{i}"] for i in range(8)]
+    assert max(starts) - min(starts) < 1e-9, starts
+    # once served, they are placed against their own model time again: a device back from idle
+    # is at most ``credit`` behind those with work, not behind ones placed as it is
+    for _ in range(3):
+        batch = sched.select(_prepare)
+        sched.charge(1.0)
+        for job, _ in batch:
+            sched.push(_job(job.device, job.sid))
+    sched.push(_job("late", "l"))
+    sched.push(_job("later", "l"))
+    floor = min(sched.vtime[f"edge{i}"] for i in range(8) if sched.devices[f"edge{i}"])
+    assert sched.vtime["late"] == pytest.approx(floor - sched.credit)
+    assert sched.vtime["later"] == pytest.approx(floor - sched.credit)
+
+
+def test_a_device_back_from_idle_carries_no_debt() -> None:
+    """Four edges shared the worker for a while and went idle; later they come back together with
+    four new ones. All eight start level: the four old ones do not wait behind the newcomers
+    until those have caught up with the model time the old ones used before."""
+    now = [0.0]
+    sched = Scheduler(clock=lambda: now[0])
+    old = [f"old{i}" for i in range(4)]
+    for _ in range(20):
+        for device in old:
+            if device not in sched.queues:
+                sched.push(_job(device, "s"))
+        sched.select(_prepare)
+        sched.charge(1.0)
+        now[0] += 1.0
+    assert min(sched.vtime[d] for d in old) > 4.0  # five forwards' worth each
+    now[0] += 60.0
+    for i in range(4):
+        sched.push(_job(old[i], "s2"))
+        sched.push(_job(f"new{i}", "s"))
+    starts = [sched.vtime[d] for d in sched.devices]
+    assert max(starts) - min(starts) < 1e-9, sched.vtime
+    # between rounds a device keeps what its forwards cost it: a heavy one stays behind
+    sched.vtime["old0"] += 3.0
+    sched.select(_prepare)
+    sched.charge(1.0)
+    now[0] += 0.1  # back for its next round at once
+    before = sched.vtime["old0"]
+    sched.push(_job("old0", "s2"))
+    assert sched.vtime["old0"] == before
+    # nor is a forward longer than a device's time away: served by a 10 s prefill, it is back at once
+    sched.push(_job("old1", "open", k=400, prefill=True))
+    while "old1/open" in sched.queues:
+        sched.select(_prepare)
+        now[0] += 10.0
+        sched.charge(10.0)
+    before = sched.vtime["old1"]
+    now[0] += 0.1
+    sched.push(_job("old1", "open"))
+    assert sched.vtime["old1"] == before
+
+
+def test_a_draft_too_long_to_ride_waits_at_most_a_forward_or_two() -> None:
+    """Six edges that opened together: four send 2-position drafts every round, the first two
+    one 8-position draft each, which does not fit beside them (width rule). Their devices are
+    served no later than the second forward after the drafts arrived."""
+    sched = _warmed_scheduler()
+    for i in range(6):
+        sched.push(_job(f"edge{i}", "s"))
+    sched.select(_prepare)
+    sched.charge(1.0)
+    short = {f"edge{i}" for i in range(2, 6)}
+    for device in sorted(short):
+        sched.push(_job(device, "s", k=2))
+    sched.push(_job("edge0", "s", k=8))
+    sched.push(_job("edge1", "s", k=8))
+    served_at: dict[str, int] = {}
+    for n in range(1, 8):
+        batch = sched.select(_prepare)
+        sched.charge(1.0)
+        for job, _ in batch:
+            served_at.setdefault(job.device, n)
+            if job.device in short:
+                sched.push(_job(job.device, "s", k=2))
+    assert served_at["edge0"] <= 2 and served_at["edge1"] <= 2, served_at
+
+
 def test_a_device_that_had_the_worker_alone_does_not_pay_for_it_later() -> None:
     """The noisy-neighbour run: the good device generated alone for 30 s, went idle between two
     generations, and the flood arrived then. The flood must not start 30 s behind."""

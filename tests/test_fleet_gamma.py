@@ -140,9 +140,13 @@ def test_fleet_gamma_sweep_report(tiny_pair, tmp_path) -> None:
         assert c["mismatches"] == 0 and c["errors"] == 0, c
         assert c["server_tokens_per_s"] > 0 and c["gamma_mean"] >= 1
     assert cells[("speculative γ=2", 2)]["gamma_mean"] <= 2
+    assert set(cells[("speculative γ=2", 2)]["gamma_sent"]) <= {"1", "2"}  # cut at a generation's end
+    auto = cells[("speculative γ=auto", 2)]
+    assert sum(auto["gamma_sent"].values()) > 0 and 1 <= len(auto["last_reasons"]) <= 2
+    assert all("α̂=" in r or "prior" in r for r in auto["last_reasons"]), auto["last_reasons"]
     assert len(json.loads((out / "chains.json").read_text())) == 2
     md = (out / "fleet.md").read_text()
-    assert "## Adaptive γ under load" in md and "| default | 2 |" in md
+    assert "## Adaptive γ under load" in md and "| default | 2 |" in md and "Auto's choices" in md
     for c in cells.values():  # each slot's first round, priced before any verify was measured, is left out
         assert 0 < c["priced"] <= c["predicted"] - c["n"], c
     terms = cells[("speculative γ=auto", 2)]["round_terms"]
