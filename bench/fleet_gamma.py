@@ -256,7 +256,7 @@ class GammaReplayer(Replayer):
             Observation(
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
                 link_ms=link_ms, verify_ms=reply.verify_ms, queue_ms=reply.queue_ms,
-                batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf,
+                batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf, pos_ms=reply.pos_ms,
             )
         )  # fmt: skip
         st.p += reply.n_acc + 1

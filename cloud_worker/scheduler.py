@@ -63,6 +63,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cloud_worker.sessions import Step, key_device
 
 MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
@@ -79,6 +81,7 @@ MAX_GAPS = 4096  # sessions whose return gap is remembered
 WIDTH_RULES = ("cost", "ratio")
 PAD_WASTE = 0.25  # width rule "cost": padding may make a forward at most this much slower
 COST_SMOOTHING = 0.3  # weight of a new forward time in its bucket's mean (ForwardCost)
+LINE_FORGET = 0.98  # weight kept by older forwards at each new one (CostLine: ~50 forwards)
 
 
 class _Gap:
@@ -135,6 +138,7 @@ class Scheduler:
         self.width_rule = width_rule
         self.packed = packed  # the forward packs its rows (batch_layout "packed"): no padding, no width rule
         self.cost = ForwardCost()  # this worker's batched forwards: seconds by padded positions
+        self.line = CostLine()  # every forward: seconds against rows and padded positions
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
         self._queued = 0
@@ -340,6 +344,12 @@ class Scheduler:
         return None if gap is None else gap.expected
 
     @property
+    def pos_ms(self) -> float | None:
+        """What one more padded position costs a forward of this worker (ms), from its recent
+        forwards (:class:`CostLine`); None until they vary enough to say."""
+        return self.line.pos_ms()
+
+    @property
     def forward_s(self) -> float:
         """A running mean of a forward's wall time (s)."""
         return self._forward_s
@@ -353,6 +363,8 @@ class Scheduler:
             return
         if measured and len(rows) > 1 and not self.packed:  # a single row runs unpadded: another path
             self.cost.add(self.padded(rows), seconds)
+        if measured:
+            self.line.add(len(rows), self.padded(rows), seconds)
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         now = self._clock()
         for device, k in rows:
@@ -436,6 +448,47 @@ class Scheduler:
 def _widest_for(k: int) -> int:
     """The widest forward a row of ``k`` positions may be padded into (width rule ``ratio``)."""
     return max(WIDTH_RATIO * k, k + WIDTH_SLACK)
+
+
+class CostLine:
+    """A forward's wall time as a + c · rows + b · padded positions, fitted by forgetting least
+    squares (weight ``LINE_FORGET`` per forward) over every forward this worker ran; ``b`` is what
+    the verdicts report as ``pos_ms``.
+
+    Why the worker fits it and not each edge: an edge sees only the forwards its own blocks rode
+    in, where the positions grow with the sessions in the forward (n rows of about its own
+    length), so a line through its (positions, verify time) points charges the cost of each
+    row to the positions: its slope came out at 40–56 ms a position under load where the
+    worker's forwards cost 24 (docs/BENCHMARKS.md §6.9), and an adaptive edge chose γ = 1. The
+    worker sees forwards of every shape (one session's verify, prefills, n decode rows)."""
+
+    MIN_WEIGHT = 5.0  # forwards' worth of evidence before it says anything
+    MIN_VAR = 1.0  # the padded positions must vary this much (their variance) to fit a slope
+
+    def __init__(self) -> None:
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self._weight = self._sp = self._spp = 0.0
+
+    def add(self, rows: int, padded: int, seconds: float) -> None:
+        x = np.array([1.0, float(rows), float(padded)])
+        self._xtx = LINE_FORGET * self._xtx + np.outer(x, x)
+        self._xty = LINE_FORGET * self._xty + x * seconds
+        self._weight = LINE_FORGET * self._weight + 1.0
+        self._sp = LINE_FORGET * self._sp + padded
+        self._spp = LINE_FORGET * self._spp + padded * padded
+
+    def pos_ms(self) -> float | None:
+        """b in ms (>= 0), or None before ``MIN_WEIGHT`` forwards whose positions vary enough."""
+        if self._weight < self.MIN_WEIGHT:
+            return None
+        mean = self._sp / self._weight
+        if self._spp / self._weight - mean * mean < self.MIN_VAR:
+            return None
+        # a whisper of ridge on a and c: rows that never vary leave them to share, not b
+        ridge = np.diag([1.0, 1.0, 0.0]) * 1e-9 * float(np.trace(self._xtx))
+        coef = np.linalg.lstsq(self._xtx + ridge, self._xty, rcond=None)[0]
+        return max(0.0, float(coef[2]) * 1e3)
 
 
 class ForwardCost:

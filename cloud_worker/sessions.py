@@ -56,3 +56,4 @@ class Step:
     more: bool = False  # set by finish: the request needs another step (decode, chunked prefill)
     batch: int = 1  # sessions in the forward this step ran in (set by run)
     batch_pos: int = 0  # positions in that forward (set by run)
+    pos_ms: float | None = None  # the worker's cost of one more padded position (Scheduler.pos_ms)

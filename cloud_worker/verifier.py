@@ -324,6 +324,7 @@ class Verifier:
             alpha=alpha,
             batch=step.batch,
             batch_pos=step.batch_pos,
+            pos_ms=step.pos_ms,
         )
         sess.last_seq, sess.last_replies = msg.seq, [verdict]
         return verdict
@@ -350,7 +351,7 @@ class Verifier:
             reply = Tokens(
                 sid=msg.sid, epoch=msg.epoch, seq=msg.seq, part=part, tok=(tok,), done=done, eos=eos,
                 verify_ms=fwd_ms + (time.perf_counter() - t0) * 1e3, queue_ms=step.queue_ms,
-                batch=step.batch, batch_pos=step.batch_pos,
+                batch=step.batch, batch_pos=step.batch_pos, pos_ms=step.pos_ms,
             )  # fmt: skip
             sess.last_replies.append(reply)
             if not done:  # the next token is the next step, after every other session's turn

@@ -106,6 +106,7 @@ class Observation:
     batch: int | None = None  # sessions in that forward, if the worker says
     confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
     overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
+    pos_ms: float | None = None  # the worker's cost of one more position in a forward, if it says
 
 
 class RoundCost(NamedTuple):
@@ -202,6 +203,8 @@ class GammaController:
         self._overhang = _Ewma()
         self._others = _Ewma()  # positions of other sessions in the same forward
         self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
+        self._positions = _Ewma()  # positions of those forwards (`batch_pos`)
+        self._pos_ms = _Ewma()  # the worker's cost of one more position (the verdict's `pos_ms`)
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
@@ -237,6 +240,9 @@ class GammaController:
             self._sessions.add(float(obs.batch), f)
             if obs.batch_pos is not None:
                 self._line.add(float(positions), obs.verify_ms, self.priors.fit_forget)
+                self._positions.add(float(positions), f)
+            if obs.pos_ms is not None:
+                self._pos_ms.add(obs.pos_ms, f)
         entry = self._verify.get(positions)
         if entry is None:
             self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
@@ -264,6 +270,9 @@ class GammaController:
         their positions vary enough to fit one: each P of a busy worker is seen rarely, and the
         table's optimistic reading of the counts between made the round 17–20 % short at 4–8
         sessions (docs/BENCHMARKS.md §6.5)."""
+        if self._shared() and (anchor := self._anchor()) is not None:
+            v, p, b = anchor
+            return max(0.0, v + b * (positions - p))
         line = self._line.line() if self._shared() else None
         if line is not None:
             return max(0.0, line[0] + line[1] * positions)
@@ -316,6 +325,13 @@ class GammaController:
         (a ratio of means: the mean of per-round ratios underweights the long forwards, where
         the waits are long too, and left the wait 20–28 % short at 4–8 sessions, §6.5)."""
         return self._queue.mean(0.0) / max(self._verified.mean(0.0), 1e-9)
+
+    def _anchor(self) -> tuple[float, float, float] | None:
+        """(V̄, P̄, b): the mean verify time and positions of the shared forwards this session
+        rode in, and the worker's own cost of one more position (``pos_ms``), when it says."""
+        if self._pos_ms.weight <= 0 or self._positions.weight <= 0:
+            return None
+        return self._verified.mean(0.0), self._positions.mean(0.0), self._pos_ms.mean(0.0)
 
     def _shared(self) -> bool:
         return self._sessions.weight > 0 and self._sessions.mean(1.0) >= 1.5
@@ -428,6 +444,8 @@ class GammaController:
         nxt._verified = copy.copy(self._verified)
         nxt._line = copy.copy(self._line)
         nxt._sessions = copy.copy(self._sessions)
+        nxt._positions = copy.copy(self._positions)
+        nxt._pos_ms = copy.copy(self._pos_ms)
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
         nxt._conf = [list(b) for b in self._conf]
@@ -448,7 +466,9 @@ class GammaController:
             parts.append(f"ready={ready}")
         if self._shared():
             parts.append(f"batch×{self._sessions.mean(1.0):.1f}")
-            if (line := self._line.line()) is not None:
+            if (anchor := self._anchor()) is not None:
+                parts.append(f"V≈{anchor[0]:.0f}+{anchor[2]:.1f}·(P−{anchor[1]:.0f})")
+            elif (line := self._line.line()) is not None:
                 parts.append(f"V≈{line[0]:.0f}+{line[1]:.1f}·P")
         elif others:
             parts.append(f"batch+{others}")

@@ -10,8 +10,8 @@ Wire format: one definite-length CBOR map per payload with short text keys, ``"v
 typed arrays, tag 70 (uint32 little-endian); q weights as tag 69 (uint16 little-endian).
 ``Verdict`` and ``Tokens`` carry their timings in a nested ``"timings"`` map
 (``verify_ms``, ``queue_ms``); ``sampling`` is a nested map (``temperature``, ``top_k``,
-``top_p``, ``seed``). Optional fields (``Draft.q``, ``Error.seq``, ``Error.epoch``, ``batch`` and
-``batch_pos`` of ``Verdict`` / ``Tokens``) are left
+``top_p``, ``seed``). Optional fields (``Draft.q``, ``Error.seq``, ``Error.epoch``, ``batch``,
+``batch_pos`` and ``pos_ms`` of ``Verdict`` / ``Tokens``) are left
 out of the map when ``None``, never sent as null. Encoding is canonical (sorted keys, shortest
 floats), so equal messages give equal bytes.
 
@@ -116,6 +116,8 @@ def _batch_fields(obj: object) -> None:
     for field in ("batch", "batch_pos"):
         if getattr(obj, field) is not None:
             _count(field, getattr(obj, field))
+    if obj.pos_ms is not None:  # type: ignore[attr-defined]
+        _nonneg_float(obj, "pos_ms")
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -205,7 +207,9 @@ class Verdict:
 
     ``alpha`` holds the theoretical acceptance Σ min(p, q) of each judged position (may be empty).
     ``batch`` / ``batch_pos``: the sessions and positions of the target forward this verdict came
-    from (optional: None when the worker does not say; left off the wire then).
+    from; ``pos_ms``: what one more (padded) position costs a forward of this worker, in ms, fitted
+    over its recent forwards (optional, each: None when the worker does not say; left off the
+    wire then).
     """
 
     T: ClassVar[str] = "verdict"
@@ -220,6 +224,7 @@ class Verdict:
     alpha: tuple[float, ...] = ()
     batch: int | None = None
     batch_pos: int | None = None
+    pos_ms: float | None = None
 
     def __post_init__(self) -> None:
         _batch_fields(self)
@@ -271,6 +276,7 @@ class Tokens:
     queue_ms: float
     batch: int | None = None  # as in Verdict
     batch_pos: int | None = None
+    pos_ms: float | None = None
 
     def __post_init__(self) -> None:
         _batch_fields(self)
@@ -322,7 +328,7 @@ Message: TypeAlias = Open | Opened | Draft | Verdict | Decode | Tokens | Close |
 
 # --- codec -----------------------------------------------------------------------------------
 
-_S, _U, _B, _IDS = "str", "uint", "bool", "ids"
+_S, _U, _B, _N, _IDS = "str", "uint", "bool", "number", "ids"
 # wire key -> kind, per message type; "timings" carries verify_ms and queue_ms.
 _SCHEMA: Final[dict[type, dict[str, str]]] = {
     Open: {"sid": _S, "epoch": _U, "ctx": _IDS, "sampling": "sampling", "draft_model": _S,
@@ -330,17 +336,18 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
     Opened: {"sid": _S, "epoch": _U, "worker": _S, "pos": _U},
     Draft: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "tok": _IDS, "q": "q"},
     Verdict: {"sid": _S, "epoch": _U, "seq": _U, "n_acc": _U, "next": _U, "eos": _B,
-              "timings": "timings", "alpha": "floats", "batch": _U, "batch_pos": _U},
+              "timings": "timings", "alpha": "floats", "batch": _U, "batch_pos": _U, "pos_ms": _N},
     Decode: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "n": _U},
     Tokens: {"sid": _S, "epoch": _U, "seq": _U, "part": _U, "tok": _IDS, "done": _B, "eos": _B,
-             "timings": "timings", "batch": _U, "batch_pos": _U},
+             "timings": "timings", "batch": _U, "batch_pos": _U, "pos_ms": _N},
     Close: {"sid": _S, "epoch": _U},
     Error: {"sid": _S, "code": _S, "detail": _S, "seq": _U, "epoch": _U},
 }  # fmt: skip
 _PLAIN: Final[dict[str, type]] = {_S: str, _U: int, _B: bool}
 # optional fields: left off the wire when None
 _OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch"), (Verdict, "batch"),
-                              (Verdict, "batch_pos"), (Tokens, "batch"), (Tokens, "batch_pos")})  # fmt: skip
+                              (Verdict, "batch_pos"), (Verdict, "pos_ms"), (Tokens, "batch"),
+                              (Tokens, "batch_pos"), (Tokens, "pos_ms")})  # fmt: skip
 _BY_T: Final[dict[str, type]] = {cls.T: cls for cls in _SCHEMA}
 _SAMPLING_KEYS: Final = ("temperature", "top_k", "top_p", "seed")
 _TIMING_KEYS: Final = ("verify_ms", "queue_ms")
@@ -374,6 +381,8 @@ def _encode_value(kind: str, value: Any, msg: Any) -> Any:
         return {"verify_ms": msg.verify_ms, "queue_ms": msg.queue_ms}
     if kind == "floats":
         return list(value)
+    if kind == _N:
+        return float(value)
     return value
 
 
@@ -455,6 +464,8 @@ def _decode_value(kind: str, key: str, x: Any, kwargs: dict[str, Any]) -> None:
         m = _map(key, x, _TIMING_KEYS)
         for k in _TIMING_KEYS:
             kwargs[k] = _number(k, m[k])
+    elif kind == _N:
+        kwargs[key] = _number(key, x)
     elif kind == "floats":
         if type(x) is not list:
             raise ProtocolError(key, f"must be an array of numbers, got {type(x).__name__}")

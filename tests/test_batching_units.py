@@ -3,9 +3,13 @@ many sessions, the scheduler's fairness and bounds, the per-device open rate, be
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
+import statistics
 
+import cbor2
 import pytest
 import torch
 from transformers import DynamicCache
@@ -14,7 +18,7 @@ from cloud_worker.batching import Row, forward_packed, forward_rows, packing_sup
 from cloud_worker.quotas import OpenRate
 from cloud_worker.scheduler import Job, Scheduler
 from cloud_worker.verifier import Step, Verifier
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ProtocolError
 from shared.kvcache import forward_cached
 from shared.models import load_model
 from shared.protocol import Decode, Draft, Open, Tokens, Verdict
@@ -696,6 +700,53 @@ def test_verdict_batch_fields_round_trip_and_are_optional() -> None:
     assert b"batch" not in encode(bare) and decode(encode(bare)).batch is None  # older peers' bytes
     part = Tokens(sid="s", epoch=0, seq=0, part=0, tok=(1,), done=True, eos=False, verify_ms=1.0, queue_ms=0.0, batch=2, batch_pos=2)  # fmt: skip
     assert decode(encode(part)) == part
+    priced = dataclasses.replace(full, pos_ms=24)  # an int is taken, as a float
+    assert priced.pos_ms == 24.0 and type(priced.pos_ms) is float and decode(encode(priced)) == priced
+    assert b"pos_ms" not in encode(full) and decode(encode(full)).pos_ms is None
+    assert decode(encode(dataclasses.replace(part, pos_ms=0.5))).pos_ms == 0.5
+    for bad in (-1.0, math.nan, math.inf, True, "24"):
+        with pytest.raises(ProtocolError, match="pos_ms"):
+            dataclasses.replace(full, pos_ms=bad)
+    wire = cbor2.loads(encode(priced))
+    for bad in ("24", True, [24.0], None):  # on the wire: a number, or left off
+        with pytest.raises(ProtocolError, match="pos_ms"):
+            decode(cbor2.dumps({**wire, "pos_ms": bad}, canonical=True))
+
+
+def test_the_worker_fits_what_one_more_position_costs_beside_the_rows() -> None:
+    """Forwards of a busy worker: n rows of about k positions each, so positions grow with the
+    rows. A line through (positions, time) alone charges the rows' cost to the positions (what an
+    edge saw: 40-56 ms a position against 24, docs/BENCHMARKS.md §6.9); the worker's fit over
+    rows and padded positions recovers the cost of a position."""
+    rng = random.Random(7)
+    sched = Scheduler()
+    assert sched.pos_ms is None
+    naive_x, naive_y = [], []
+    for i in range(200):
+        n = rng.randint(5, 8)
+        k = rng.choice((2, 3, 3, 3, 3, 3, 3, 4))  # most sessions send about as many
+        rows = [(f"d{j}", k) for j in range(n)]
+        if i % 10 == 0:
+            rows = [("opener", rng.randint(16, 64))]  # now and then one session's prefill
+        seconds = 0.48 + 0.02 * len(rows) + 0.024 * sched.padded(rows) + rng.gauss(0.0, 0.05)
+        sched.last_rows = rows
+        sched.charge(seconds)
+        if len(rows) > 1:
+            naive_x.append(sum(k for _, k in rows))
+            naive_y.append(seconds * 1e3)
+    assert sched.pos_ms == pytest.approx(24.0, rel=0.1)
+    naive = statistics.linear_regression(naive_x, naive_y).slope
+    assert naive > sched.pos_ms + 2.0  # the positions alone also carry the rows' 20 ms each
+    same = Scheduler()  # rows that never vary: the slope still comes from the positions
+    for i in range(40):
+        same.last_rows = [(f"d{j}", 2 + i % 3) for j in range(8)]
+        same.charge(0.5 + 0.024 * same.padded(same.last_rows))
+    assert same.pos_ms == pytest.approx(24.0, rel=1e-3)
+    flat = Scheduler()  # one shape only: nothing to fit a slope on
+    for _ in range(40):
+        flat.last_rows = [("d", 3), ("e", 3)]
+        flat.charge(0.7)
+    assert flat.pos_ms is None
 
 
 def _arriving(device: str, sid: str, at: float) -> Job:

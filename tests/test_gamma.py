@@ -273,6 +273,50 @@ def test_a_busy_workers_forward_is_priced_on_a_line_through_its_forwards() -> No
     assert alone.verify_ms(4) == pytest.approx(cpu_steps(400.0)(4)) and "V≈" not in alone.decide().reason
 
 
+def _shared_rounds(ctrl: GammaController, *, pos_ms: float | None, rounds: int = 80, seed: int = 0) -> None:
+    """Rounds in forwards of 6-8 sessions that each send about as many positions as this one
+    (what the fair share assumes), costing 400 + 40 · rows + 24 · positions ms."""
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        g = ctrl.decide().gamma
+        n = rng.randint(6, 8)
+        positions = n * (g + 1)
+        v = 400.0 + 40.0 * n + 24.0 * positions + rng.gauss(0.0, 40.0)
+        acc = next((i for i in range(g) if rng.random() > 0.8), g)
+        ctrl.observe(Observation(gamma=g, n_acc=acc, draft_ms=33.0 * g, drafted=g, link_ms=1.3 * v + 4,
+                                 verify_ms=v, queue_ms=0.3 * v, batch_pos=positions, batch=n, pos_ms=pos_ms))  # fmt: skip
+
+
+def test_a_worker_that_says_what_a_position_costs_sets_the_price_of_a_longer_block() -> None:
+    """In shared forwards the positions grow with the sessions in them, so a line through one
+    session's (positions, verify time) can charge each row's cost to the positions: under load on
+    the demo pair its slope came out at 40-73 ms a position where the worker's forwards cost 24
+    (docs/BENCHMARKS.md §6.9), every longer block looked too dear and auto sent γ = 1. With the
+    verdict's ``pos_ms`` the controller reads V through its own mean shared forward at the
+    worker's slope, and its choice is the best γ for a fleet of sessions like it."""
+    for seed in range(6):
+        told = GammaController()
+        _shared_rounds(told, pos_ms=24.0, seed=seed)
+        assert told.verify_ms(40) - told.verify_ms(20) == pytest.approx(20 * 24.0)
+        choice = told.decide()
+        assert "·(P−" in choice.reason
+        alpha, n = told.alpha, told._sessions.mean(1.0)
+
+        def truth(g: int, alpha: float = alpha, n: float = n) -> float:  # every session sends g
+            v = 400.0 + 40.0 * n + 24.0 * n * (g + 1)
+            return expected_tokens(alpha, g) / (33.0 * g + 4 + 1.3 * v)
+
+        best = max(range(1, 17), key=truth)
+        assert abs(choice.gamma - best) <= 1 and truth(choice.gamma) >= 0.97 * truth(best), (
+            seed,
+            choice,
+            best,
+        )
+    guessed = GammaController()  # a worker that does not say: the session's own line, as before
+    _shared_rounds(guessed, pos_ms=None)
+    assert "·(P−" not in guessed.decide().reason and "V≈" in guessed.decide().reason
+
+
 def test_the_queue_share_is_mean_queue_over_mean_verify() -> None:
     """Long forwards keep the next blocks waiting long: the share that prices the wait is the
     ratio of the means (here 0.8), not the mean of per-round ratios (0.5), which left the

@@ -149,6 +149,8 @@ def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_cl
     bad_message, its batch-mates their (exact) verdicts, and its session keeps working."""
     target = models["target"]
     worker = Worker(target, dev_broker.config(), worker_id=f"w-{uid}", batch_window_ms=300)
+    for i in range(20):  # forwards it ran before: it can say what a position costs (CostLine)
+        worker.scheduler.line.add(1 + i % 4, 3 + i, 0.4 + 0.024 * (3 + i))
     worker.start()
     raw = mqtt_clients.make(dev_broker.config())
     raw.subscribe(f"{topics.PREFIX}/{uid}/+/down")
@@ -179,6 +181,7 @@ def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_cl
         for sid in ("a", "c"):
             v = answers[sid]
             assert isinstance(v, Verdict) and v.batch == 2, v
+            assert v.pos_ms is not None and v.pos_ms >= 0, v  # the worker's figure reaches the edge
             want = ref.verify(good(sid))
             assert (v.n_acc, v.next, v.alpha) == (want.n_acc, want.next, want.alpha)
         raw.publish(topics.up_topic(uid, "b"), encode(good("b")))  # the same seq, now valid
