@@ -8,12 +8,12 @@ interleaved with everyone else's work.
 Who leads (fair in model TIME, not in rows): every device has a virtual time, the seconds of
 target forwards charged to it (``charge``: a forward's wall time split over its rows by their
 real positions). The device with the least virtual time that has work leads the next forward;
-ties go round-robin. A device between rounds keeps what its forwards cost it but comes back at
-most ``credit`` seconds (a few forwards) behind the devices with work; one back from idle, or new,
-starts exactly ``credit`` behind them, or behind the worker's virtual time when none has work
-(``_place``): going idle between rounds costs a device nothing, a device idle for long can bank
-no time and carries no debt, and one that had the worker to itself is not made to pay for it
-when another arrives. A flood of long drafts is charged what its forwards cost and waits while
+ties go round-robin. A device that has work again keeps what its forwards cost it but comes back
+at most ``credit`` seconds (a few forwards) behind the devices with work, or behind the worker's
+virtual time when none has work; a new device starts exactly that far behind, and one back from
+idle at most level with them (``_place``): going idle between rounds costs a device nothing, a
+device idle for long can bank no time and carries no debt, and one that had the worker to itself
+is not made to pay for it when another arrives. A flood of long drafts is charged what its forwards cost and waits while
 the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
@@ -231,18 +231,21 @@ class Scheduler:
         return max(RECENT_S, 3 * self._forward_s)
 
     def _place(self, device: str) -> None:
-        """Where a device that has work again starts in model time. Between rounds (it had work
-        within ``_recent_s``) where its own forwards put it, but at most ``credit`` behind the
-        devices with work. Back from idle, or new, exactly ``credit`` behind them: it banked
-        nothing while away, and it carries no debt either. A device once served far more than
-        the others (it had the worker alone, or the others were new) would otherwise wait
-        behind each newcomer until that one caught up, whenever their rows did not fit one
-        forward: a fleet-γ run at N = 8 held such devices' drafts for 4–8 s."""
+        """Where a device that has work again starts in model time: where its own forwards put
+        it, but at most ``credit`` behind the devices with work (a new device: exactly that).
+        Back from idle (no work within ``_recent_s``) it is also at most level with them: it
+        carries no debt. A device once served far more than the others (it had the worker
+        alone, or the others are new) would otherwise wait behind each newcomer until that one
+        caught up, whenever their rows did not fit one forward: a fleet-γ run at N = 8 held such
+        devices' drafts for 4–8 s. It gets no credit for the idle spell either, so a device that
+        floods, pauses and floods again gains nothing by the pause."""
         ref = self._placement_floor()
         floor = ref - self.credit
+        own = self.vtime.get(device, floor)
         away = self._clock() - self._seen.get(device, -math.inf) > self._recent_s
-        if away or device not in self.vtime or self.vtime[device] < floor:
-            self.vtime[device] = floor
+        placed = min(max(own, floor), ref) if away else max(own, floor)
+        if device not in self.vtime or placed != own:
+            self.vtime[device] = placed
             self._placed[device] = ref
         else:  # it stands where its own forwards put it
             self._placed.pop(device, None)

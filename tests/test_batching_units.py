@@ -565,8 +565,9 @@ def test_devices_that_arrive_together_start_level() -> None:
 
 def test_a_device_back_from_idle_carries_no_debt() -> None:
     """Four edges shared the worker for a while and went idle; later they come back together with
-    four new ones. All eight start level: the four old ones do not wait behind the newcomers
-    until those have caught up with the model time the old ones used before."""
+    four new ones. The old ones start level with each other and at most ``credit`` behind the
+    newcomers (who get that credit as any new device does), not behind them by all the model
+    time they used before."""
     now = [0.0]
     sched = Scheduler(clock=lambda: now[0])
     old = [f"old{i}" for i in range(4)]
@@ -582,8 +583,9 @@ def test_a_device_back_from_idle_carries_no_debt() -> None:
     for i in range(4):
         sched.push(_job(old[i], "s2"))
         sched.push(_job(f"new{i}", "s"))
-    starts = [sched.vtime[d] for d in sched.devices]
-    assert max(starts) - min(starts) < 1e-9, sched.vtime
+    olds, news = [sched.vtime[d] for d in old], [sched.vtime[f"new{i}"] for i in range(4)]
+    assert max(olds) - min(olds) < 1e-9 and max(news) - min(news) < 1e-9, sched.vtime
+    assert olds[0] - news[0] == pytest.approx(sched.credit), sched.vtime
     # between rounds a device keeps what its forwards cost it: a heavy one stays behind
     sched.vtime["old0"] += 3.0
     sched.select(_prepare)
@@ -602,6 +604,28 @@ def test_a_device_back_from_idle_carries_no_debt() -> None:
     now[0] += 0.1
     sched.push(_job("old1", "open"))
     assert sched.vtime["old1"] == before
+
+
+def test_a_device_ahead_gains_nothing_by_pausing() -> None:
+    """A device ahead in model time (it flooded) that pauses until it counts as idle comes back
+    level with the busy devices: its debt is forgiven, but the pause buys it no ``credit`` to
+    lead with, so flooding, pausing and flooding again gains nothing over flooding on."""
+    now = [0.0]
+    sched = Scheduler(clock=lambda: now[0])
+    for _ in range(10):  # both busy; the flood is charged its long rows
+        for device, k in (("steady", 3), ("flood", 40)):
+            if not sched.devices.get(device):
+                sched.push(_job(device, "s", k=k))
+        sched.select(_prepare)
+        now[0] += 1.0
+        sched.charge(1.0)
+    sched.drop("flood/s")
+    sched.vtime["flood"] = sched.vtime["steady"] + 20.0  # far ahead
+    if not sched.devices.get("steady"):
+        sched.push(_job("steady", "s", k=3))
+    now[0] += 10.0  # the flood pauses until it counts as idle
+    sched.push(_job("flood", "s2", k=40))
+    assert sched.vtime["flood"] == pytest.approx(sched.vtime["steady"])  # level: no debt, no credit
 
 
 def test_a_draft_too_long_to_ride_waits_at_most_a_forward_or_two() -> None:
