@@ -13,8 +13,8 @@ at most ``credit`` seconds (a few forwards) behind the devices with work, or beh
 virtual time when none has work; a new device starts exactly that far behind, and one back from
 idle at most level with them (``_place``): going idle between rounds costs a device nothing, a
 device idle for long can bank no time and carries no debt, and one that had the worker to itself
-is not made to pay for it when another arrives. A flood of long drafts is charged what its forwards cost and waits while
-the others catch up.
+is not made to pay for it when another arrives. A flood of long drafts is charged what its
+forwards cost and waits while the others catch up.
 
 Who rides along: after the leader, one session from each device in virtual-time order, then
 round again, until the forward is full. A padded forward computes rows × its widest row, and
@@ -461,7 +461,7 @@ class CostLine:
     Why the worker fits it and not each edge: an edge sees only the forwards its own blocks rode
     in, where the positions grow with the sessions in the forward (n rows of about its own
     length), so a line through its (positions, verify time) points charges the cost of each
-    row to the positions: its slope came out at 40–56 ms a position under load where the
+    row to the positions: its slope came out at 38–76 ms a position under load where the
     worker's forwards cost 24 (docs/BENCHMARKS.md §6.9), and an adaptive edge chose γ = 1. The
     worker sees forwards of every shape (one session's verify, prefills, n decode rows)."""
 
@@ -469,24 +469,23 @@ class CostLine:
     MIN_VAR = 1.0  # the padded positions must vary this much (their variance) to fit a slope
 
     def __init__(self) -> None:
+        # forgetting sums over x = (1, rows, padded): xtx[0, 0] is the evidence's weight,
+        # xtx[0, 2] and xtx[2, 2] the sums of the padded positions and of their squares
         self._xtx = np.zeros((3, 3))
         self._xty = np.zeros(3)
-        self._weight = self._sp = self._spp = 0.0
 
     def add(self, rows: int, padded: int, seconds: float) -> None:
         x = np.array([1.0, float(rows), float(padded)])
         self._xtx = LINE_FORGET * self._xtx + np.outer(x, x)
         self._xty = LINE_FORGET * self._xty + x * seconds
-        self._weight = LINE_FORGET * self._weight + 1.0
-        self._sp = LINE_FORGET * self._sp + padded
-        self._spp = LINE_FORGET * self._spp + padded * padded
 
     def pos_ms(self) -> float | None:
         """b in ms (>= 0), or None before ``MIN_WEIGHT`` forwards whose positions vary enough."""
-        if self._weight < self.MIN_WEIGHT:
+        weight = float(self._xtx[0, 0])
+        if weight < self.MIN_WEIGHT:
             return None
-        mean = self._sp / self._weight
-        if self._spp / self._weight - mean * mean < self.MIN_VAR:
+        mean = float(self._xtx[0, 2]) / weight
+        if float(self._xtx[2, 2]) / weight - mean * mean < self.MIN_VAR:
             return None
         # a whisper of ridge on a and c: rows that never vary leave them to share, not b
         ridge = np.diag([1.0, 1.0, 0.0]) * 1e-9 * float(np.trace(self._xtx))

@@ -30,7 +30,9 @@ round, so it follows a changing prompt, network or worker load within a few roun
   function of P, a GPU's nearly flat; a P not measured recently is read off its neighbours,
   optimistically (see :meth:`GammaController.verify_ms`), so it gets tried. In forwards shared
   with other sessions, where each P is seen rarely, a line fitted to the forwards' positions and
-  verify times instead;
+  verify times instead; from a worker that says what one more position costs it (the verdict's
+  ``pos_ms``), the line through this session's mean shared forward at that slope (its own line
+  takes each row's cost for the positions', docs/BENCHMARKS.md §6.9);
 - P(own): the positions of the forward this round's ``own`` positions would be verified in. Alone,
   P = own. In a forward shared by n sessions (the verdict's optional ``batch`` field), the block
   is priced at its fair share, P = n · own: the forward as it would be if every session in it
@@ -269,7 +271,8 @@ class GammaController:
         more), the cost is read off a line fitted to the forwards' (positions, verify_ms), when
         their positions vary enough to fit one: each P of a busy worker is seen rarely, and the
         table's optimistic reading of the counts between made the round 17–20 % short at 4–8
-        sessions (docs/BENCHMARKS.md §6.5)."""
+        sessions (docs/BENCHMARKS.md §6.5). When the worker says ``pos_ms``, the line goes through
+        the session's mean shared forward at that slope instead (:meth:`_anchor`, §6.9)."""
         if self._shared() and (anchor := self._anchor()) is not None:
             v, p, b = anchor
             return max(0.0, v + b * (positions - p))
