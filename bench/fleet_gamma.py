@@ -109,7 +109,9 @@ def record_chain(drafter, link, prompt_index: int, prompt_ids: list[int], opts, 
     opened = dataclasses.replace(cloud.open, mode="speculative", max_new=opts.max_new_tokens)
     drafter.reset(list(prompt_ids), SamplingParams(temperature=0.0, seed=opts.params.seed))
     chains, conf, per_token = [], [], []
-    for p in range(min(opts.max_new_tokens, len(target) - 1)):
+    # a chain wherever a block may be proposed: at p = max_new - 1 at the latest, or at the
+    # end-of-sequence token's own position when the target ends sooner (len(target) <= max_new)
+    for p in range(min(opts.max_new_tokens, len(target))):
         block = drafter.propose(gamma_max)
         chains.append(block.tokens)
         conf.append(tuple(round(c, 5) for c in block.confidence))
@@ -257,6 +259,7 @@ class GammaReplayer(Replayer):
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
                 link_ms=link_ms, verify_ms=reply.verify_ms, queue_ms=reply.queue_ms,
                 batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf, pos_ms=reply.pos_ms,
+                row_med=reply.row_med,
             )
         )  # fmt: skip
         st.p += reply.n_acc + 1

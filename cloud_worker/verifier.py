@@ -325,6 +325,7 @@ class Verifier:
             batch=step.batch,
             batch_pos=step.batch_pos,
             pos_ms=step.pos_ms,
+            row_med=step.row_med,
         )
         sess.last_seq, sess.last_replies = msg.seq, [verdict]
         return verdict

@@ -272,9 +272,9 @@ class Worker(Intake):
         if not batch:
             return
         now = time.perf_counter()
-        pos_ms = self.scheduler.pos_ms
+        pos_ms, row_med = self.scheduler.pos_ms, self.scheduler.row_med
         for job, step in batch:  # from arrival (or the session's previous step) to this forward
-            step.pos_ms = pos_ms
+            step.pos_ms, step.row_med = pos_ms, row_med
             self.metrics.queue_wait(now - job.received_at)
             # what the answer reports: the turns it waited included
             step.queue_ms = (now - job.received_at) * 1e3

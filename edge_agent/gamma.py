@@ -42,6 +42,16 @@ round, so it follows a changing prompt, network or worker load within a few roun
   docs/BENCHMARKS.md §6.3), though the positions it adds cost the worker what anyone's do.
   Without ``batch`` (a worker that does not say): P = others + own, others from ``batch_pos``.
 
+In step with the fleet: in forwards shared with other sessions, a block is at most one position
+longer than the fleet's median row (the verdict's ``row_med``: the median positions of the draft
+blocks the worker verified last, every session's). The fair share above prices a move the
+sessions make together; a session that goes alone past the others makes every session of its
+forward wait for it (padded, the forward is as wide as its widest row; padded or packed, it
+starts when the slowest draft arrives, or the late block waits a forward), and its extra tokens
+are its own while the wait is everyone's. Under the cap the fleet still moves: a session may go
+one position past the median, and the median follows the sessions' choices (docs/BENCHMARKS.md
+§6.10).
+
 Early stop: the controller also learns how often a draft of a given confidence (the draft's
 top probability) is accepted, and gives the drafter per-position thresholds below which ending
 the block there beats going on (:meth:`GammaController._stop_thresholds`). A new session on the
@@ -109,6 +119,7 @@ class Observation:
     confidence: tuple[float, ...] = ()  # the draft's top probability at each proposed token
     overhang_ms: float = 0.0  # pipelined: a draft-ahead forward that outlived the verdict
     pos_ms: float | None = None  # the worker's cost of one more position in a forward, if it says
+    row_med: int | None = None  # the fleet's median row (positions) at the worker, if it says
 
 
 class RoundCost(NamedTuple):
@@ -207,6 +218,7 @@ class GammaController:
         self._sessions = _Ewma()  # sessions in the forward (the verdict's `batch`), when known
         self._positions = _Ewma()  # positions of those forwards (`batch_pos`)
         self._pos_ms = _Ewma()  # the worker's cost of one more position (the verdict's `pos_ms`)
+        self._row_med: int | None = None  # the fleet's median row, last said (the verdict's `row_med`)
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
@@ -245,6 +257,8 @@ class GammaController:
                 self._positions.add(float(positions), f)
             if obs.pos_ms is not None:
                 self._pos_ms.add(obs.pos_ms, f)
+            if obs.row_med is not None:
+                self._row_med = obs.row_med
         entry = self._verify.get(positions)
         if entry is None:
             self._verify[positions] = _Seen(obs.verify_ms, self.rounds)
@@ -353,6 +367,14 @@ class GammaController:
             return max(own, round(self._sessions.mean(1.0) * own))
         return round(self._others.mean(0.0)) + own
 
+    def in_step(self) -> int | None:
+        """The longest γ that keeps a block in step with the fleet (module docstring): one position
+        past the median row of the worker's last forwards, γ + 1 ≤ row_med + 1, while this session
+        shares forwards; None when it does not or the worker does not say."""
+        if self._row_med is None or not self._shared():
+            return None
+        return max(1, self._row_med)
+
     def decide(self, *, ready: int = 0, remaining: int | None = None) -> GammaDecision:
         """γ for the next round. ``ready``: drafts already made ahead (free now); ``remaining``:
         tokens the generation still wants (a round yields at most γ + 1, so γ ≤ remaining − 1)."""
@@ -361,6 +383,8 @@ class GammaController:
         cap = self.priors.gamma_max
         if remaining is not None:
             cap = max(1, min(cap, remaining - 1))
+        if (step := self.in_step()) is not None:
+            cap = min(cap, step)
         if not self._measured:
             g = min(self.priors.gamma, cap)
             return self._decision(g, ready, f"prior γ={self.priors.gamma} α={self.priors.alpha:.2f}")
@@ -404,10 +428,12 @@ class GammaController:
 
     def lookahead(self, gamma: int) -> int:
         """How many tokens to draft ahead while a block of ``gamma`` is verified: the bonus
-        candidate plus the block the controller would pick if they were all free."""
+        candidate plus the block the controller would pick if they were all free (no longer than
+        the fleet's row lets it send, :meth:`in_step`)."""
         if self.fixed is not None or not self._measured:
             return gamma + 1
-        free = max(range(1, self.priors.gamma_max + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
+        top = self.in_step() or self.priors.gamma_max  # no further than it may send
+        free = max(range(1, top + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
         return max(gamma, free) + 1
 
     def draft_ahead_ms(self, gamma: int) -> float | None:
@@ -449,6 +475,7 @@ class GammaController:
         nxt._sessions = copy.copy(self._sessions)
         nxt._positions = copy.copy(self._positions)
         nxt._pos_ms = copy.copy(self._pos_ms)
+        nxt._row_med = self._row_med
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
         nxt._conf = [list(b) for b in self._conf]
@@ -473,6 +500,8 @@ class GammaController:
                 parts.append(f"V≈{anchor[0]:.0f}+{anchor[2]:.1f}·(P−{anchor[1]:.0f})")
             elif (line := self._line.line()) is not None:
                 parts.append(f"V≈{line[0]:.0f}+{line[1]:.1f}·P")
+            if (step := self.in_step()) is not None:
+                parts.append(f"fleet row {self._row_med}: γ≤{step}")
         elif others:
             parts.append(f"batch+{others}")
         if cap < self.priors.gamma_max:

@@ -330,6 +330,7 @@ def _speculative(
                     verify_ms=verdict.verify_ms, queue_ms=verdict.queue_ms,
                     batch_pos=getattr(verdict, "batch_pos", None),  # set by workers that batch verifies
                     pos_ms=getattr(verdict, "pos_ms", None),
+                    row_med=getattr(verdict, "row_med", None),
                     batch=getattr(verdict, "batch", None),
                     confidence=block.confidence, overhang_ms=overhang_ms,
                 )

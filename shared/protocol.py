@@ -11,7 +11,7 @@ typed arrays, tag 70 (uint32 little-endian); q weights as tag 69 (uint16 little-
 ``Verdict`` and ``Tokens`` carry their timings in a nested ``"timings"`` map
 (``verify_ms``, ``queue_ms``); ``sampling`` is a nested map (``temperature``, ``top_k``,
 ``top_p``, ``seed``). Optional fields (``Draft.q``, ``Error.seq``, ``Error.epoch``, ``batch``,
-``batch_pos`` and ``pos_ms`` of ``Verdict`` / ``Tokens``) are left
+``batch_pos`` and ``pos_ms`` of ``Verdict`` / ``Tokens``, ``Verdict.row_med``) are left
 out of the map when ``None``, never sent as null. Encoding is canonical (sorted keys, shortest
 floats), so equal messages give equal bytes.
 
@@ -208,8 +208,9 @@ class Verdict:
     ``alpha`` holds the theoretical acceptance Σ min(p, q) of each judged position (may be empty).
     ``batch`` / ``batch_pos``: the sessions and positions of the target forward this verdict came
     from; ``pos_ms``: what one more (padded) position costs a forward of this worker, in ms, fitted
-    over its recent forwards (optional, each: None when the worker does not say; left off the
-    wire then).
+    over its recent forwards; ``row_med``: the median row (a block's positions, γ + 1) of the
+    draft blocks this worker verified in its last forwards, every session's (optional, each: None
+    when the worker does not say; left off the wire then).
     """
 
     T: ClassVar[str] = "verdict"
@@ -225,9 +226,12 @@ class Verdict:
     batch: int | None = None
     batch_pos: int | None = None
     pos_ms: float | None = None
+    row_med: int | None = None
 
     def __post_init__(self) -> None:
         _batch_fields(self)
+        if self.row_med is not None:
+            _count("row_med", self.row_med, limit=MAX_GAMMA + 2)
         _sid("sid", self.sid)
         _counts(self, "epoch", "seq")
         _count("n_acc", self.n_acc, limit=MAX_GAMMA + 1)
@@ -336,7 +340,8 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
     Opened: {"sid": _S, "epoch": _U, "worker": _S, "pos": _U},
     Draft: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "tok": _IDS, "q": "q"},
     Verdict: {"sid": _S, "epoch": _U, "seq": _U, "n_acc": _U, "next": _U, "eos": _B,
-              "timings": "timings", "alpha": "floats", "batch": _U, "batch_pos": _U, "pos_ms": _N},
+              "timings": "timings", "alpha": "floats", "batch": _U, "batch_pos": _U, "pos_ms": _N,
+              "row_med": _U},
     Decode: {"sid": _S, "epoch": _U, "seq": _U, "pos": _U, "n": _U},
     Tokens: {"sid": _S, "epoch": _U, "seq": _U, "part": _U, "tok": _IDS, "done": _B, "eos": _B,
              "timings": "timings", "batch": _U, "batch_pos": _U, "pos_ms": _N},
@@ -346,7 +351,7 @@ _SCHEMA: Final[dict[type, dict[str, str]]] = {
 _PLAIN: Final[dict[str, type]] = {_S: str, _U: int, _B: bool}
 # optional fields: left off the wire when None
 _OPTIONAL: Final = frozenset({(Draft, "q"), (Error, "seq"), (Error, "epoch"), (Verdict, "batch"),
-                              (Verdict, "batch_pos"), (Verdict, "pos_ms"), (Tokens, "batch"),
+                              (Verdict, "batch_pos"), (Verdict, "pos_ms"), (Verdict, "row_med"), (Tokens, "batch"),
                               (Tokens, "batch_pos"), (Tokens, "pos_ms")})  # fmt: skip
 _BY_T: Final[dict[str, type]] = {cls.T: cls for cls in _SCHEMA}
 _SAMPLING_KEYS: Final = ("temperature", "top_k", "top_p", "seed")

@@ -10,7 +10,7 @@ text payloads (a worker's retained ``online``/``offline``) are printed as text; 
 shown as malformed with the decoder's error and the first bytes in hex. The tap never crashes on
 a payload. A draft's line starts with its γ (the edge's choice for that round; why it chose it
 is in the edge's ``RoundStats.gamma_reason``, its logs and metrics); verdicts show ``n_acc`` and,
-from batching workers, ``batch`` / ``batch_pos`` / ``pos_ms``.
+from batching workers, ``batch`` / ``batch_pos`` / ``pos_ms`` / ``row_med``.
 
 On a production broker, log in with a username of its own: the broker gives each username one
 connection (``use_username_as_clientid``), so tapping as a device or worker kicks that client off.

@@ -737,6 +737,64 @@ def test_verdict_batch_fields_round_trip_and_are_optional() -> None:
             decode(cbor2.dumps({**wire, "pos_ms": bad}, canonical=True))
 
 
+def test_verdict_row_med_round_trips_and_is_checked() -> None:
+    from shared.protocol import MAX_GAMMA, decode, encode
+
+    bare = Verdict(sid="s", epoch=0, seq=1, n_acc=2, next=7, eos=False, verify_ms=1.0, queue_ms=0.5, batch=4)
+    said = dataclasses.replace(bare, row_med=4)
+    assert decode(encode(said)) == said and decode(encode(said)).row_med == 4
+    assert b"row_med" not in encode(bare) and decode(encode(bare)).row_med is None  # older workers' bytes
+    for bad in (-1, MAX_GAMMA + 2, 3.0, True, "4"):
+        with pytest.raises(ProtocolError, match="row_med"):
+            dataclasses.replace(bare, row_med=bad)
+    wire = cbor2.loads(encode(said))
+    for bad in (-1, 4.5, "4", None, [4]):  # on the wire: an int, or left off
+        with pytest.raises(ProtocolError, match="row_med"):
+            decode(cbor2.dumps({**wire, "row_med": bad}, canonical=True))
+
+
+def test_the_worker_says_the_median_draft_row_of_its_last_forwards() -> None:
+    """``row_med``: the median positions of the last ``ROW_WINDOW`` draft rows, every session's;
+    prefills and cloud-only decode rows are not blocks and do not count; a packed worker, whose
+    rows cost their own positions, does not say it."""
+    from cloud_worker.scheduler import ROW_WINDOW
+
+    def draft(device: str, sid: str, k: int, prefill: bool = False) -> Job:
+        job = _job(device, sid, k, prefill=prefill)
+        job.msg = Draft(sid=sid, epoch=0, seq=0, pos=5, tok=(1,) * (k - 1))
+        return job
+
+    sched = Scheduler(max_tokens=4096, max_sessions=64)
+    assert sched.row_med is None
+    for i, k in enumerate((3, 3, 3, 3, 3, 14, 14)):  # five sessions at γ 2, two at γ 13
+        sched.push(draft(f"d{i}", "s", k))
+    for i in range(8):  # cloud-only sessions' decode rows (counted, the median would be 1)
+        cloud = _job(f"c{i}", "s", 1)
+        cloud.msg = Decode(sid="s", epoch=0, seq=0, pos=5, n=16)
+        sched.push(cloud)
+    while len(sched):
+        sched.select(_prepare)
+    assert sched.row_med == 3  # not dragged up by the two long rows, nor down by the decode rows
+    for i in range(8):  # opens' prefills (counted, the median would be 14)
+        sched.push(_job(f"o{i}", "s", 64, prefill=True))
+    while len(sched):
+        sched.select(_prepare)
+    assert sched.row_med == 3
+    for r in range(ROW_WINDOW):  # the window moves: the fleet has gone to γ 4
+        sched.push(draft(f"d{r % 7}", f"t{r}", 5))
+        sched.select(_prepare)
+    assert sched.row_med == 5
+    sched.push(draft("d0", "u", 2))
+    sched.push(draft("d1", "u", 8))
+    sched.select(_prepare)
+    assert sched.row_med == 5  # the lower median of the window: a row some session sent
+    packed = Scheduler(max_tokens=4096, max_sessions=64, packed=True)  # rows cost their own positions
+    for i, k in enumerate((3, 3, 14)):
+        packed.push(draft(f"d{i}", "s", k))
+    packed.select(_prepare)
+    assert packed.row_med is None
+
+
 def test_the_worker_fits_what_one_more_position_costs_beside_the_rows() -> None:
     """Forwards of a busy worker: n rows of about k positions each, so positions grow with the
     rows. A line through (positions, time) alone charges the rows' cost to the positions (what an

@@ -61,6 +61,33 @@ def test_chain_verdicts_follow_the_target() -> None:
     assert ChainRecording.from_json(json.loads(json.dumps(rec.as_json()))) == rec
 
 
+def test_a_target_that_ends_early_has_a_chain_at_its_end_token(tiny_pair, monkeypatch) -> None:
+    """A prompt whose target ends with its end token before max_new: a session can stand at
+    that token's position (every token before it committed) and must propose a block there, so
+    the recording holds a chain for it (it did not: 96-token replays died on an IndexError)."""
+    import bench.fleet_gamma as fg
+    from bench.fleet_record import CLOUD, Recording
+    from shared.protocol import Open
+
+    draft_dir, _ = tiny_pair
+    draft = load_model(str(draft_dir))
+    eos = sorted(draft.eos_token_ids)[0]
+    ended = (11, 12, 13, 14, eos)  # the target's greedy tokens: it ends after 5 of max 12
+
+    def cloud_only(drafter, link, index, ids, opts, *, eos_ids):
+        opened = Open(sid="s", epoch=0, ctx=tuple(ids), sampling=SamplingParams(), draft_model="d",
+                      target_model="t", max_new=opts.max_new_tokens, mode="cloud")  # fmt: skip
+        return Recording(index, CLOUD, opened, (), ended)
+
+    monkeypatch.setattr(fg, "record_one", cloud_only)
+    opts = GenerateOptions(mode="speculative", gamma=2, max_new_tokens=MAX_NEW, params=SamplingParams(temperature=0.0),
+                           draft_model="d", target_model="t")  # fmt: skip
+    drafter = make_drafter(draft)
+    rec = record_chain(drafter, None, 0, [3, 4, 5], opts, eos_ids=draft.eos_token_ids, gamma_max=4)
+    assert rec.positions() == 5 and len(rec.chains) == 5  # positions 0..4, the end token's included
+    assert rec.expect(4, rec.chains[4][:1])[2] == 1  # the verdict there ends the generation
+
+
 def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, tiny_pair, tmp_path) -> None:
     """Sessions replayed from chains, at a fixed γ and choosing γ each round, get exactly the
     verdicts the target's greedy tokens imply, commit the whole generation, and vary γ under
@@ -78,7 +105,7 @@ def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, ti
         link.shutdown()
         for rec in mixed + same:
             assert len(rec.target) == MAX_NEW + 1 or rec.target[-1] in rec.eos_ids
-            assert len(rec.chains) == min(MAX_NEW, len(rec.target) - 1)
+            assert len(rec.chains) == rec.positions() == min(MAX_NEW, len(rec.target))
             assert all(len(c) == 8 for c in rec.chains) and rec.draft_ms > 0
         assert all(c[:4] == tuple(same[0].target[p : p + 4]) for p, c in enumerate(same[0].chains[:4]))
         path = tmp_path / "chains.json"

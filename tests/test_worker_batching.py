@@ -182,6 +182,7 @@ def test_malformed_draft_in_a_batch_fails_alone(models, dev_broker, uid, mqtt_cl
             v = answers[sid]
             assert isinstance(v, Verdict) and v.batch == 2, v
             assert v.pos_ms is not None and v.pos_ms >= 0, v  # the worker's figure reaches the edge
+            assert v.row_med == 4, v  # the last context token + 3 drafts, the rows that ran
             want = ref.verify(good(sid))
             assert (v.n_acc, v.next, v.alpha) == (want.n_acc, want.next, want.alpha)
         raw.publish(topics.up_topic(uid, "b"), encode(good("b")))  # the same seq, now valid
