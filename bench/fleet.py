@@ -368,7 +368,8 @@ def add_fleet_arguments(ap) -> None:
         default=None,
         metavar="G,G,...",
         help="adaptive γ under load (T = 0): per N, sessions that choose γ each round (auto) or keep "
-        "a fixed γ, replayed from the draft's greedy chains with emulated drafting time, e.g. 1,2,3,4,auto",
+        "a fixed γ, replayed from the draft's greedy chains with emulated drafting time, e.g. 1,2,3,4,auto; "
+        "auto-solo: auto that ignores the worker's fleet row (row_med), to measure what keeping in step does",
     )
     g.add_argument(
         "--fleet-acceptance",
@@ -419,9 +420,10 @@ def add_fleet_arguments(ap) -> None:
 
 
 def _gamma_value(text: str) -> int | str:
+    from bench.fleet_gamma import AUTO_SOLO
     from edge_agent.gamma import parse_gamma
 
-    return parse_gamma(text.strip())
+    return AUTO_SOLO if text.strip().lower() == AUTO_SOLO else parse_gamma(text.strip())
 
 
 def main_fleet(args, draft_spec: str, target_spec: str, pinning, argv_text: str) -> int:

@@ -46,6 +46,8 @@ from edge_agent.gamma import (
 from shared import topics
 from shared.protocol import Draft, Open, Verdict, decode, encode
 
+AUTO_SOLO = "auto-solo"  # a γ of the sweep: auto, blind to the worker's fleet row (GammaReplayer)
+
 
 @dataclass(frozen=True)
 class ChainRecording:
@@ -175,14 +177,16 @@ class _Session:
 class GammaReplayer(Replayer):
     """Replays :class:`ChainRecording` sessions, each choosing γ with its own controller.
 
-    ``gamma``: ``"auto"`` or a fixed int; ``draft_ms``: the emulated drafting cost per token
+    ``gamma``: ``"auto"``, ``"auto-solo"`` (auto without the worker's ``row_med``: each session
+    on its own, as before the fleet row) or a fixed int; ``draft_ms``: the emulated drafting cost per token
     (None: each recording's measured one). Rounds are recorded with the γ sent (``gamma``), and
     each answered round's :class:`Prediction` in ``predictions``."""
 
     def __init__(self, broker, *, gamma: int | str, draft_ms: float | None = None,
                  priors: GammaPriors | None = None, **kw) -> None:  # fmt: skip
         super().__init__(broker, **kw)
-        self.fixed = None if gamma == GAMMA_AUTO else int(gamma)
+        self.fixed = None if gamma in (GAMMA_AUTO, AUTO_SOLO) else int(gamma)
+        self.solo = gamma == AUTO_SOLO
         self.draft_ms = draft_ms
         self.priors = priors
         self.predictions: list[Prediction] = []
@@ -259,7 +263,7 @@ class GammaReplayer(Replayer):
                 gamma=len(st.block), n_acc=reply.n_acc, draft_ms=st.think_ms, drafted=len(st.block),
                 link_ms=link_ms, verify_ms=reply.verify_ms, queue_ms=reply.queue_ms,
                 batch_pos=reply.batch_pos, batch=reply.batch, confidence=st.conf, pos_ms=reply.pos_ms,
-                row_med=reply.row_med,
+                row_med=None if self.solo else reply.row_med,
             )
         )  # fmt: skip
         st.p += reply.n_acc + 1

@@ -103,7 +103,7 @@ def gamma_section(cells: list[dict]) -> list[str]:
     for w, n in sorted({(c["worker"], c["n"]) for c in sweep}):
         row = [by.get((w, n, g)) for g in gammas]
         rates = {g: c["server_tokens_per_s"] for g, c in zip(gammas, row, strict=True) if c}
-        fixed = {g: r for g, r in rates.items() if g != "auto"}
+        fixed = {g: r for g, r in rates.items() if not g.startswith("auto")}
         best = max(fixed, key=fixed.__getitem__) if fixed else None
         auto = by.get((w, n, "auto"))
         ratio = _ratio(rates.get("auto"), fixed.get(best)) if best else "–"
@@ -129,7 +129,7 @@ def round_terms_section(sweep: list[dict]) -> list[str]:
         terms = c["round_terms"]
         cols = " | ".join(f"{terms[t][0]:g} / {terms[t][1]:g}" for t in TERMS)
         out.append(f"| {c['worker']} | {c['n']} | {c['mode'].removeprefix(GAMMA_MODE)} | {cols} |")
-    auto = [c for c in rows if c["mode"] == f"{GAMMA_MODE}auto" and c.get("gamma_sent")]
+    auto = [c for c in rows if c["mode"].startswith(f"{GAMMA_MODE}auto") and c.get("gamma_sent")]
     if auto:
         out += [
             "",
@@ -138,7 +138,7 @@ def round_terms_section(sweep: list[dict]) -> list[str]:
         ]
     for c in auto:
         sent = ", ".join(f"γ {g}: {k}" for g, k in c["gamma_sent"].items())
-        out.append(f"- {c['worker']}, N = {c['n']}: {sent}")
+        out.append(f"- {c['worker']}, N = {c['n']}, {c['mode'].removeprefix(GAMMA_MODE)}: {sent}")
         out += [f"  - `{reason}`" for reason in c.get("last_reasons", [])]
     return out
 

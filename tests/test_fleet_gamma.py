@@ -149,20 +149,21 @@ def test_gamma_replay_matches_the_target_for_fixed_and_auto_gamma(dev_broker, ti
 
 
 def test_fleet_gamma_sweep_report(tiny_pair, tmp_path) -> None:
-    """``spececd-bench --fleet N --fleet-gamma 2,auto`` runs one cell per (N, γ) with no mismatch and
-    reports auto against the best fixed γ; at T > 0 it refuses with what to do."""
+    """``spececd-bench --fleet N --fleet-gamma 2,auto,auto-solo`` runs one cell per (N, γ) with no
+    mismatch and reports auto against the best fixed γ (auto-solo, auto blind to the worker's
+    fleet row, is not a fixed γ); at T > 0 it refuses with what to do."""
     if mosquitto_missing():
         pytest.skip(mosquitto_missing())
     draft, target = tiny_pair
     base = ["--draft", str(draft), "--target", str(target), "--num-prompts", "2", "--max-new-tokens", "8",
             "--no-progress", "--worker-timeout-s", "90", "--fleet", "1,2", "--fleet-seconds", "2",
-            "--fleet-gamma", "2,auto"]  # fmt: skip
+            "--fleet-gamma", "2,auto,auto-solo"]  # fmt: skip
     assert main([*base, "--temperature", "0.8", "--out", str(tmp_path / "hot")]) == 2
     out = tmp_path / "fleet"
     assert main([*base, "--temperature", "0", "--out", str(out)]) == 0
     report = json.loads((out / "fleet.json").read_text())
     cells = {(c["mode"], c["n"]): c for c in report["cells"]}
-    assert set(cells) == {(f"speculative γ={g}", n) for g in ("2", "auto") for n in (1, 2)}
+    assert set(cells) == {(f"speculative γ={g}", n) for g in ("2", "auto", "auto-solo") for n in (1, 2)}
     for c in cells.values():
         assert c["mismatches"] == 0 and c["errors"] == 0, c
         assert c["server_tokens_per_s"] > 0 and c["gamma_mean"] >= 1
@@ -174,6 +175,11 @@ def test_fleet_gamma_sweep_report(tiny_pair, tmp_path) -> None:
     assert len(json.loads((out / "chains.json").read_text())) == 2
     md = (out / "fleet.md").read_text()
     assert "## Adaptive γ under load" in md and "| default | 2 |" in md and "Auto's choices" in md
+    assert "| 2 | auto-solo | " in md and "N = 2, auto-solo: γ" in md
+    rows = [line for line in md.splitlines() if line.startswith("| default | 2 | ")]
+    row = next(line for line in rows if line.count("|") > 9)  # the sweep's row, not the terms'
+    assert row.split(" | ")[5] == "2"  # the best fixed γ: auto-solo is not one
+    assert not any("fleet row" in r for r in cells[("speculative γ=auto-solo", 2)]["last_reasons"])
     for c in cells.values():  # each slot's first round, priced before any verify was measured, is left out
         assert 0 < c["priced"] <= c["predicted"] - c["n"], c
     terms = cells[("speculative γ=auto", 2)]["round_terms"]
