@@ -83,7 +83,7 @@ WIDTH_RULES = ("cost", "ratio")
 PAD_WASTE = 0.25  # width rule "cost": padding may make a forward at most this much slower
 COST_SMOOTHING = 0.3  # weight of a new forward time in its bucket's mean (ForwardCost)
 LINE_FORGET = 0.98  # weight kept by older forwards at each new one (CostLine: ~50 forwards)
-ROW_WINDOW = 32  # draft rows (every session's) the median row of the verdicts' ``row_med`` is read over
+ROW_WINDOW = 32  # last draft rows whose devices vote on the fleet row (the verdicts' ``row_med``)
 
 
 class _Gap:
@@ -141,7 +141,7 @@ class Scheduler:
         self.packed = packed  # the forward packs its rows (batch_layout "packed"): no padding, no width rule
         self.cost = ForwardCost()  # this worker's batched forwards: seconds by padded positions
         self.line = CostLine()  # every forward: seconds against rows and padded positions
-        self._rows: deque[int] = deque(maxlen=ROW_WINDOW)  # positions of the last draft rows selected
+        self._rows: deque[tuple[str, int]] = deque(maxlen=ROW_WINDOW)  # (device, positions): last draft rows
         self.queues: dict[str, deque[Job]] = {}
         self.devices: OrderedDict[str, deque[str]] = OrderedDict()  # device -> its sessions with work
         self._queued = 0
@@ -357,14 +357,16 @@ class Scheduler:
 
     @property
     def row_med(self) -> int | None:
-        """The median positions of the last ``ROW_WINDOW`` draft rows this worker selected, every
-        session's (the verdicts' ``row_med``): the fleet's typical block, + 1. An adaptive edge
-        keeps its block within one position of it while it shares forwards (edge_agent/gamma.py),
-        because a padded forward is as wide as its widest row. None before any draft row, and
-        from a packed worker, where a row costs its own positions only."""
+        """The fleet's typical block, + 1 (the verdicts' ``row_med``): over the devices with a draft
+        row among the last ``ROW_WINDOW`` this worker selected, the median of each one's latest
+        row. An adaptive edge keeps its block within one position of it while it shares forwards
+        (edge_agent/gamma.py), because a padded forward is as wide as its widest row. One vote a
+        device: a device cannot cap every other device's blocks by flooding short ones. None
+        before any draft row, and from a packed worker, where a row costs its own positions only."""
         if not self._rows or self.packed:
             return None
-        return sorted(self._rows)[(len(self._rows) - 1) // 2]  # the lower median: a row that was sent
+        latest = sorted(dict(self._rows).values())  # each device's latest row
+        return latest[(len(latest) - 1) // 2]  # the lower median: a row that was sent
 
     @property
     def forward_s(self) -> float:
@@ -449,7 +451,9 @@ class Scheduler:
                 served.append(key)
                 progress = True
         self.last_rows = [(job.device, len(step.row.tokens)) for job, step in batch]
-        self._rows.extend(len(step.row.tokens) for job, step in batch if isinstance(job.msg, Draft))
+        self._rows.extend(
+            row for (job, _), row in zip(batch, self.last_rows, strict=True) if isinstance(job.msg, Draft)
+        )
         firsts = [key.rpartition("/")[0] for key in served]
         for key, device in zip(served, firsts, strict=True):  # served ones go to the back
             if device in self.devices:

@@ -57,4 +57,4 @@ class Step:
     batch: int = 1  # sessions in the forward this step ran in (set by run)
     batch_pos: int = 0  # positions in that forward (set by run)
     pos_ms: float | None = None  # the worker's cost of one more padded position (Scheduler.pos_ms)
-    row_med: int | None = None  # the median draft row of the worker's last forwards (Scheduler.row_med)
+    row_med: int | None = None  # the fleet's typical draft row (Scheduler.row_med)

@@ -43,8 +43,9 @@ round, so it follows a changing prompt, network or worker load within a few roun
   Without ``batch`` (a worker that does not say): P = others + own, others from ``batch_pos``.
 
 In step with the fleet: in forwards shared with other sessions, a block is at most one position
-longer than the fleet's median row (the verdict's ``row_med``: the median positions of the draft
-blocks the worker verified last, every session's). The fair share above prices a move the
+longer than the fleet's median row (the verdict's ``row_med``, from a worker that pads its
+forwards: the median of the latest draft rows of the devices it verified lately, one vote a
+device). The fair share above prices a move the
 sessions make together; a session that goes alone past the others makes every session of its
 forward wait for it (padded, the forward is as wide as its widest row; padded or packed, it
 starts when the slowest draft arrives, or the late block waits a forward), and its extra tokens

@@ -208,9 +208,10 @@ class Verdict:
     ``alpha`` holds the theoretical acceptance Σ min(p, q) of each judged position (may be empty).
     ``batch`` / ``batch_pos``: the sessions and positions of the target forward this verdict came
     from; ``pos_ms``: what one more (padded) position costs a forward of this worker, in ms, fitted
-    over its recent forwards; ``row_med``: the median row (a block's positions, γ + 1) of the
-    draft blocks this worker verified in its last forwards, every session's (optional, each: None
-    when the worker does not say; left off the wire then).
+    over its recent forwards; ``row_med``: the fleet's typical row (a block's positions, γ + 1),
+    the median of the latest draft rows of the devices this worker verified lately, from a
+    worker that pads its forwards (optional, each: None when the worker does not say; left off
+    the wire then).
     """
 
     T: ClassVar[str] = "verdict"

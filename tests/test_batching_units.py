@@ -788,6 +788,10 @@ def test_the_worker_says_the_median_draft_row_of_its_last_forwards() -> None:
     sched.push(draft("d1", "u", 8))
     sched.select(_prepare)
     assert sched.row_med == 5  # the lower median of the window: a row some session sent
+    for i in range(20):  # one device floods blocks of 1: one vote, its latest row
+        sched.push(draft("flood", f"f{i}", 2))
+        sched.select(_prepare)
+    assert sched.row_med == 5 and sum(1 for d, _ in sched._rows if d == "flood") == 20
     packed = Scheduler(max_tokens=4096, max_sessions=64, packed=True)  # rows cost their own positions
     for i, k in enumerate((3, 3, 14)):
         packed.push(draft(f"d{i}", "s", k))
