@@ -347,7 +347,7 @@ def test_in_a_padded_fleet_a_block_keeps_in_step_with_the_median_row() -> None:
     worker. Each prices its block at its fair share (as if every session sent as many), which
     is right for a move they make together; the two sessions of α 0.97 then send blocks of
     13-14 alone, every forward is padded to them, and the fleet gets 0.66-0.69 of the best fixed
-    γ (what the fleet bench measured, 0.66-0.73×, docs/BENCHMARKS.md §6.9-6.10). Kept within one
+    γ (what the fleet bench measured, 0.49-0.73×, docs/BENCHMARKS.md §6.9-6.10). Kept within one
     position of the worker's median row, the fleet gets 0.92-0.93 of it."""
     alphas = [0.97, 0.97, 0.8, 0.8, 0.72, 0.72, 0.62, 0.62]
     for seed in range(2):
