@@ -45,13 +45,12 @@ round, so it follows a changing prompt, network or worker load within a few roun
 In step with the fleet: in forwards shared with other sessions, a block is at most one position
 longer than the fleet's median row (the verdict's ``row_med``, from a worker that pads its
 forwards: the median of the latest draft rows of the devices it verified lately, one vote a
-device). The fair share above prices a move the
-sessions make together; a session that goes alone past the others makes every session of its
-forward wait for it (padded, the forward is as wide as its widest row; padded or packed, it
-starts when the slowest draft arrives, or the late block waits a forward), and its extra tokens
-are its own while the wait is everyone's. Under the cap the fleet still moves: a session may go
-one position past the median, and the median follows the sessions' choices (docs/BENCHMARKS.md
-§6.10).
+device). The fair share above prices a move the sessions make together; a session that goes
+alone past the others makes every session of its forward wait for it (the padded forward is as
+wide as its widest row, and it starts when the slowest draft arrives, or the late block waits a
+forward), and its extra tokens are its own while the wait is everyone's. Under the cap the fleet
+still moves: a session may go one position past the median, and the median follows the
+sessions' choices (docs/BENCHMARKS.md §6.10).
 
 Early stop: the controller also learns how often a draft of a given confidence (the draft's
 top probability) is accepted, and gives the drafter per-position thresholds below which ending
