@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from cloud_worker.sessions import Step, key_device
-from shared.protocol import Draft
+from shared.protocol import MAX_GAMMA, Draft
 
 MAX_DEVICES = 1024  # devices whose place in the turn order is remembered while they are idle
 MAX_QUEUED_PER_SESSION = 8  # an edge has one request out (plus a retry and a close): more is a flood
@@ -366,7 +366,9 @@ class Scheduler:
         if not self._rows or self.packed:
             return None
         latest = sorted(dict(self._rows).values())  # each device's latest row
-        return latest[(len(latest) - 1) // 2]  # the lower median: a row that was sent
+        # the lower median: a row that was sent; a row can carry uncached tokens besides the
+        # block, so it is held to the longest block a verdict may name (MAX_GAMMA + 1)
+        return min(latest[(len(latest) - 1) // 2], MAX_GAMMA + 1)
 
     @property
     def forward_s(self) -> float:

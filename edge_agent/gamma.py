@@ -369,8 +369,8 @@ class GammaController:
 
     def in_step(self) -> int | None:
         """The longest γ that keeps a block in step with the fleet (module docstring): one position
-        past the median row of the worker's last forwards, γ + 1 ≤ row_med + 1, while this session
-        shares forwards; None when it does not or the worker does not say."""
+        past the fleet's median row, γ + 1 ≤ row_med + 1, while this session shares forwards;
+        None when it does not or the worker does not say."""
         if self._row_med is None or not self._shared():
             return None
         return max(1, self._row_med)
@@ -432,7 +432,7 @@ class GammaController:
         the fleet's row lets it send, :meth:`in_step`)."""
         if self.fixed is not None or not self._measured:
             return gamma + 1
-        top = self.in_step() or self.priors.gamma_max  # no further than it may send
+        top = min(self.priors.gamma_max, self.in_step() or self.priors.gamma_max)  # what it may send
         free = max(range(1, top + 1), key=lambda g: _rate(*self.predict(g, ready=g)))
         return max(gamma, free) + 1
 

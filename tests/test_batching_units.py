@@ -758,6 +758,7 @@ def test_the_worker_says_the_median_draft_row_of_its_last_forwards() -> None:
     prefills and cloud-only decode rows are not blocks and do not count; a packed worker, whose
     rows cost their own positions, does not say it."""
     from cloud_worker.scheduler import ROW_WINDOW
+    from shared.protocol import MAX_GAMMA
 
     def draft(device: str, sid: str, k: int, prefill: bool = False) -> Job:
         job = _job(device, sid, k, prefill=prefill)
@@ -792,6 +793,16 @@ def test_the_worker_says_the_median_draft_row_of_its_last_forwards() -> None:
         sched.push(draft("flood", f"f{i}", 2))
         sched.select(_prepare)
     assert sched.row_med == 5 and sum(1 for d, _ in sched._rows if d == "flood") == 20
+    long = Scheduler(max_tokens=4096, max_sessions=64)  # uncached tokens + a block of MAX_GAMMA
+    for i in range(3):
+        job = _job(f"d{i}", "s", MAX_GAMMA + 9)
+        job.msg = Draft(sid="s", epoch=0, seq=0, pos=5, tok=(1,) * MAX_GAMMA)
+        long.push(job)
+    long.select(_prepare)
+    assert long.row_med == MAX_GAMMA + 1
+    Verdict(
+        sid="s", epoch=0, seq=1, n_acc=0, next=7, eos=False, verify_ms=1.0, queue_ms=0.5, row_med=long.row_med
+    )
     packed = Scheduler(max_tokens=4096, max_sessions=64, packed=True)  # rows cost their own positions
     for i, k in enumerate((3, 3, 14)):
         packed.push(draft(f"d{i}", "s", k))

@@ -378,6 +378,13 @@ def test_the_fleet_row_caps_a_block_only_in_shared_forwards() -> None:
     rounds(capped, batch=8, row_med=5)  # the fleet went longer: so may it
     assert capped.decide().gamma == 5
     assert capped.successor().in_step() == 5  # the next session on the link starts in step
+    wide = GammaController()  # a fleet row past gamma_max, and cheap positions: the priors' bound holds
+    for _ in range(30):
+        g = wide.decide().gamma
+        v = 400.0 + 2.0 * 8 * (g + 1)
+        wide.observe(Observation(gamma=g, n_acc=g, draft_ms=3.0 * g, drafted=g, link_ms=v + 4.0, verify_ms=v,
+                                 queue_ms=0.0, batch_pos=8 * (g + 1), batch=8, pos_ms=2.0, row_med=40))  # fmt: skip
+    assert wide.in_step() == 40 and wide.decide().gamma == 16 and wide.lookahead(2) == 17
     alone = GammaController()  # a worker to itself: its median row is its own, no cap
     rounds(alone, batch=1, row_med=3)
     assert alone.in_step() is None and alone.decide().gamma >= 8
