@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--worker-timeout-s", type=float, default=600.0, help="how long the worker may take to load"
     )
+    ap.add_argument(
+        "--worker-args", type=shlex.split, default=[], metavar="'FLAGS'",
+        help="extra spececd-worker flags for the networked modes, e.g. '--dtype bfloat16' "
+        "(the in-process modes load the target as usual)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     from bench.fleet import add_fleet_arguments
 

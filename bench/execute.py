@@ -102,7 +102,7 @@ def execute(
                 links, net_meta = setup_network(
                     procs, broker=broker, rtts=rtts, target_spec=target_spec, draft_name=draft_spec,
                     worker_cores=worker_cores, round_timeout_s=args.round_timeout_s,
-                    worker_timeout_s=args.worker_timeout_s,
+                    worker_timeout_s=args.worker_timeout_s, worker_args=args.worker_args,
                 )  # fmt: skip
                 meta.update(net_meta)
             if edge_cores:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 
 from bench.procs import Procs
 from shared.mqtt import BrokerConfig
@@ -37,6 +38,7 @@ def setup_network(
     worker_cores: set[int] | None,
     round_timeout_s: float,
     worker_timeout_s: float,
+    worker_args: Sequence[str] = (),
 ) -> tuple[dict[float, object], dict]:
     """Start what the networked modes need; returns ({rtt: connected MqttLink}, meta).
 
@@ -51,7 +53,8 @@ def setup_network(
         broker = procs.start_broker()
     worker_id = f"bench-{uuid.uuid4().hex[:8]}"
     proc, _log = procs.start_worker(
-        broker, target=target_spec, draft_name=draft_name, worker_id=worker_id, cores=worker_cores
+        broker, target=target_spec, draft_name=draft_name, worker_id=worker_id, cores=worker_cores,
+        extra=worker_args,
     )
     links: dict[float, object] = {}
     for i, rtt in enumerate(rtts):
@@ -69,6 +72,7 @@ def setup_network(
         "worker_id": worker_id,
         "worker_cores": sorted(worker_cores) if worker_cores else "not pinned",
         "worker_ready_s": round(waited, 1),
+        "worker_args": list(worker_args),
     }
     return links, meta
 

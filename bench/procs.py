@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared.config_keys import DEFAULT_MAX_SESSIONS
@@ -130,11 +131,13 @@ class Procs:
         worker_id: str,
         cores: set[int] | None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        extra: Sequence[str] = (),
     ) -> tuple[subprocess.Popen, Path]:
-        """``python -m cloud_worker.cli`` (spececd-worker) on ``cores``, one thread (readiness: see the caller)."""
+        """``python -m cloud_worker.cli`` (spececd-worker) on ``cores``, one thread, with ``extra``
+        flags of its own (e.g. ``--dtype bfloat16``); readiness: see the caller."""
         argv = [sys.executable, "-m", "cloud_worker.cli", "--broker", f"{broker[0]}:{broker[1]}",
                 "--target", target, "--draft", draft_name, "--worker-id", worker_id,
-                "--max-sessions", str(max_sessions)]  # fmt: skip
+                "--max-sessions", str(max_sessions), *extra]  # fmt: skip
         return self._spawn(f"worker-{worker_id}", argv, cores=cores, env=one_thread_env())
 
     def stop_all(self, timeout: float = 10.0) -> None:

@@ -8,7 +8,7 @@ import sys
 
 from cloud_worker.worker import Worker, connect_early, install_sigterm
 from shared.config import add_config_arguments, add_version_argument, apply_environment, config_from_args
-from shared.cpu_linear import use_onednn_linears
+from shared.cpu_linear import cpu_computes_bf16, dtype_advice, use_onednn_linears
 from shared.errors import SpecECDError
 from shared.logs import register_secrets_of, setup_logging
 from shared.models import load_model
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         target = load_model(
             cfg.target, device=cfg.model_device, dtype=cfg.dtype, offline=not cfg.allow_download
         )
+        if (advice := dtype_advice(target.device, target.dtype, native_bf16=cpu_computes_bf16())) is not None:
+            log.info("target: %s", advice)
         if cfg.cpu_linear == "onednn":
             swapped = use_onednn_linears(target.model)
             log.info("target: %d linear layers through oneDNN (cpu_linear)", swapped)

@@ -36,6 +36,34 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available())
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 target's
+    forward over a few positions costs about one step (docs/BENCHMARKS.md §4.11). Elsewhere
+    torch emulates bf16 and a bf16 target is slower than fp32. False when torch cannot tell."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return any(bool(f()) for f in probe if f is not None)
+    except Exception:  # a private probe of torch's: unknown means no
+        return False
+
+
+def dtype_advice(device: torch.device, dtype: torch.dtype, *, native_bf16: bool) -> str | None:
+    """A line for the worker's log when the target's dtype does not suit this CPU, else None."""
+    if device.type != "cpu":
+        return None
+    if dtype == torch.float32 and native_bf16:
+        return (
+            "this CPU multiplies bf16 natively (AVX512-BF16/AMX): dtype = bfloat16 makes the target's "
+            "forwards ~1.3x (one position) to ~1.8x (a few) faster here (docs/BENCHMARKS.md §4.11)"
+        )
+    if dtype == torch.bfloat16 and not native_bf16:
+        return (
+            "dtype bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower "
+            "than float32: use dtype = float32 (or auto) here"
+        )
+    return None
+
+
 class OneDnnLinear(nn.Module):
     """``y = x Wᵀ + b`` with W held in oneDNN's layout (inference only, fp32, CPU)."""
 

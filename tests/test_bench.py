@@ -33,9 +33,17 @@ def smoke(tiny_pair, tmp_path_factory) -> tuple[dict, Path]:
     draft, target = tiny_pair
     argv = ["--draft", str(draft), "--target", str(target), "--num-prompts", "2", "--max-new-tokens",
             str(MAX_NEW), "--gamma", "3", "--temperature", "0,0.8", "--rtt-ms", "0,10", "--out", str(out),
-            "--no-progress", "--warmup-tokens", "1", "--worker-timeout-s", "60"]  # fmt: skip
+            "--no-progress", "--warmup-tokens", "1", "--worker-timeout-s", "60",
+            "--worker-args", "--max-batch-sessions 1"]  # fmt: skip
     assert main(argv) == 0
     return json.loads((out / "report.json").read_text()), out
+
+
+def test_worker_args_reach_the_worker(smoke) -> None:
+    report, out = smoke
+    assert report["meta"]["worker_args"] == ["--max-batch-sessions", "1"]
+    (log,) = (out / "logs").glob("worker-*.log")
+    assert "1 per forward" in log.read_text()  # the worker's own line: it got the flag
 
 
 def _greedy(model, prompt: list[int], n: int, eos: frozenset[int]) -> list[int]:

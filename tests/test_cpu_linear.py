@@ -12,7 +12,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from cloud_worker.batching import Row, forward_rows
-from shared.cpu_linear import OneDnnLinear, onednn_available, use_onednn_linears
+from shared.cpu_linear import OneDnnLinear, cpu_computes_bf16, dtype_advice, onednn_available, use_onednn_linears
 from shared.kvcache import forward_cached
 from shared.models import load_model
 from tests.tiny import make_tiny_model_dir
@@ -109,3 +109,15 @@ def test_the_checkpoint_mapping_is_let_go(tiny_dir, tmp_path) -> None:
     assert _mapped(folder) == []
     with torch.inference_mode():  # and the model still runs
         assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == loaded.vocab_size
+
+
+def test_the_worker_says_when_its_dtype_does_not_suit_the_cpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    hint = dtype_advice(cpu, torch.float32, native_bf16=True)
+    assert hint is not None and "dtype = bfloat16" in hint
+    slow = dtype_advice(cpu, torch.bfloat16, native_bf16=False)
+    assert slow is not None and "emulated" in slow and "float32" in slow
+    assert dtype_advice(cpu, torch.float32, native_bf16=False) is None  # fp32 is right there
+    assert dtype_advice(cpu, torch.bfloat16, native_bf16=True) is None
+    assert dtype_advice(gpu, torch.float32, native_bf16=True) is None  # a GPU's dtype is its own matter
+    assert isinstance(cpu_computes_bf16(), bool)
