@@ -53,8 +53,9 @@ def dtype_advice(device: torch.device, dtype: torch.dtype, *, native_bf16: bool)
         return None
     if dtype == torch.float32 and native_bf16:
         return (
-            "this CPU multiplies bf16 natively (AVX512-BF16/AMX): dtype = bfloat16 makes the target's "
-            "forwards ~1.3x (one position) to ~1.8x (a few) faster here (docs/BENCHMARKS.md §4.11)"
+            "this CPU multiplies bf16 natively (AVX512-BF16/AMX): dtype = bfloat16 made the target's "
+            "forwards 1.3-1.4x (one position) to 1.8-3x (a verify, a batch) faster on such CPUs, with "
+            "rounding that depends on the forward's shape (docs/BENCHMARKS.md §4.11)"
         )
     if dtype == torch.bfloat16 and not native_bf16:
         return (
