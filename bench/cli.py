@@ -99,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-timeout-s", type=float, default=600.0, help="how long the worker may take to load"
     )
     ap.add_argument(
-        "--worker-args", type=shlex.split, default=[], metavar="'FLAGS'",
+        "--worker-args",
+        type=shlex.split,
+        default=[],
+        metavar="'FLAGS'",
         help="extra spececd-worker flags for the networked modes, e.g. '--dtype bfloat16' "
         "(the in-process modes load the target as usual)",
     )

@@ -53,7 +53,11 @@ def setup_network(
         broker = procs.start_broker()
     worker_id = f"bench-{uuid.uuid4().hex[:8]}"
     proc, _log = procs.start_worker(
-        broker, target=target_spec, draft_name=draft_name, worker_id=worker_id, cores=worker_cores,
+        broker,
+        target=target_spec,
+        draft_name=draft_name,
+        worker_id=worker_id,
+        cores=worker_cores,
         extra=worker_args,
     )
     links: dict[float, object] = {}

@@ -29,6 +29,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from cloud_worker.invariant import INVARIANT_ATTENTION
 from shared.kvcache import forward_cached, forward_kwargs, last_logits_only, logits_kwarg
 
 
@@ -292,7 +293,7 @@ def packing_supported(model) -> str | None:
     attention) would compute something else."""
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
+    if impl not in ("sdpa", "eager", INVARIANT_ATTENTION):
         return f"attention implementation {impl!r} takes no 4-D mask (packing needs sdpa or eager)"
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return "the model has sliding-window layers (packing gives every layer one full mask)"
@@ -362,12 +363,13 @@ def forward_packed(
         device=dev,
     )
     kw = logits_kwarg(type(model))
-    # On an sdpa model the attention runs row by row (_packed_attention, for this forward only);
-    # an eager one applies the 4-D mask (given either way: transformers then builds no mask)
+    # The attention runs row by row on an sdpa model (_packed_attention, for this forward only) and
+    # on an invariant one (invariant_attention); an eager one applies the 4-D mask (given either
+    # way: transformers then builds no mask)
     config = model.config
     impl = config._attn_implementation
-    rowwise = impl == "sdpa"
-    if rowwise:
+    rowwise = impl in ("sdpa", INVARIANT_ATTENTION)  # the invariant attention goes row by row itself
+    if impl == "sdpa":
         config._attn_implementation = PACKED_ATTENTION
     try:
         out = model(

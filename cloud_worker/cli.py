@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from cloud_worker import invariant
 from cloud_worker.worker import Worker, connect_early, install_sigterm
 from shared.config import add_config_arguments, add_version_argument, apply_environment, config_from_args
 from shared.cpu_linear import cpu_computes_bf16, dtype_advice, use_onednn_linears
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.cpu_linear == "onednn":
             swapped = use_onednn_linears(target.model)
             log.info("target: %d linear layers through oneDNN (cpu_linear)", swapped)
+        if invariant.wanted(cfg.invariant, target.device, target.dtype):
+            log.info("target: %s", invariant.apply(target.model, target.model.config.vocab_size))
         worker = Worker(
             target,
             broker,

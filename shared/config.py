@@ -154,6 +154,7 @@ class WorkerConfig:
     max_sessions_per_device: int = 0
     max_opens_per_s_per_device: float = 20.0
     cpu_linear: str = "onednn"
+    invariant: str = "auto"
     log_level: str
     log_json: bool
     cache: str | None
@@ -425,6 +426,7 @@ _WORKER_BATCH_KEYS = (
     "max_sessions_per_device",
     "max_opens_per_s_per_device",
     "cpu_linear",
+    "invariant",
 )  # the worker's scheduling, quota and kernel keys, passed through as they are
 
 

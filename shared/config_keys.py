@@ -311,6 +311,14 @@ KEYS: dict[str, _Key] = {
             "kernels of the target's fp32 linear layers on a CPU: oneDNN, or torch's own (MKL)",
         ),
         _Key(
+            "invariant",
+            _W,
+            _choice("auto", "on", "off"),
+            "auto",
+            "shape-invariant target forwards (a position's logits do not depend on the forward's "
+            "shape): 'auto' = on for a bf16/fp16 target on a CPU",
+        ),
+        _Key(
             "draft_backend",
             _E,
             _choice("auto", "torch", "llama.cpp"),

@@ -40,7 +40,10 @@ def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 target's
     forward over a few positions costs about one step (docs/BENCHMARKS.md §4.11). Elsewhere
     torch emulates bf16 and a bf16 target is slower than fp32. False when torch cannot tell."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
+    probe = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
     try:
         return any(bool(f()) for f in probe if f is not None)
     except Exception:  # a private probe of torch's: unknown means no

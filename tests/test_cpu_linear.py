@@ -12,7 +12,13 @@ from torch import nn
 from transformers import DynamicCache
 
 from cloud_worker.batching import Row, forward_rows
-from shared.cpu_linear import OneDnnLinear, cpu_computes_bf16, dtype_advice, onednn_available, use_onednn_linears
+from shared.cpu_linear import (
+    OneDnnLinear,
+    cpu_computes_bf16,
+    dtype_advice,
+    onednn_available,
+    use_onednn_linears,
+)
 from shared.kvcache import forward_cached
 from shared.models import load_model
 from tests.tiny import make_tiny_model_dir
