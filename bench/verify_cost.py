@@ -33,6 +33,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from cloud_worker import invariant
 from cloud_worker.batching import LAYOUTS, Row, forward_packed, forward_rows
 from shared.cpu_linear import use_onednn_linears
 from shared.kvcache import crop, forward_cached
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ragged", action="store_true", help="cache lengths spread over [L/2, L]")
     ap.add_argument("--greedy", action="store_true",
                     help="T = 0 rows: only each position's argmax comes back to the host, as the worker does")  # fmt: skip
-    ap.add_argument("--cpu-linear", type=_kernels, default=["onednn"], metavar="onednn,torch",
+    ap.add_argument("--cpu-linear", type=_kernels, default=["onednn"], metavar="onednn,torch,invariant",
                     help="the worker's cpu_linear: linear layers through oneDNN (default) or torch's own; "
+                    "'invariant': torch's own in the worker's shape-invariant forwards (invariant = on); "
                     "a comma list measures each, alternating, in one run")  # fmt: skip
     ap.add_argument("--layout", type=_layouts, default=["padded"], metavar="padded,packed",
                     help="the worker's batch_layout; a comma list measures each, alternating, in one run")  # fmt: skip
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if kernel == "onednn":
             use_onednn_linears(loaded.model)
+        elif kernel == "invariant":  # torch's kernels, as the worker's invariant forwards run them
+            print(f"invariant: {invariant.apply(loaded.model, loaded.vocab_size)}")
         models[kernel] = loaded.model
     vocab = loaded.vocab_size
     rng = random.Random(args.seed)
@@ -214,9 +218,9 @@ def _layouts(text: str) -> list[str]:
 
 def _kernels(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in names if x not in ("onednn", "torch")]
+    bad = [x for x in names if x not in ("onednn", "torch", "invariant")]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"choose from onednn, torch (comma list), got {text!r}")
+        raise argparse.ArgumentTypeError(f"choose from onednn, torch, invariant (comma list), got {text!r}")
     return list(dict.fromkeys(names))
 
 

@@ -57,8 +57,9 @@ def dtype_advice(device: torch.device, dtype: torch.dtype, *, native_bf16: bool)
     if dtype == torch.float32 and native_bf16:
         return (
             "this CPU multiplies bf16 natively (AVX512-BF16/AMX): dtype = bfloat16 made the target's "
-            "forwards 1.3-1.4x (one position) to 1.8-3x (a verify, a batch) faster on such CPUs, with "
-            "rounding that depends on the forward's shape (docs/BENCHMARKS.md §4.11)"
+            "forwards 1.3-1.4x (one position) to 1.8-3x (a verify, a batch) faster on such CPUs; the "
+            "worker's invariant forwards (invariant = auto) keep its outputs independent of the "
+            "forward's shape (docs/BENCHMARKS.md §4.11, §4.12)"
         )
     if dtype == torch.bfloat16 and not native_bf16:
         return (

@@ -244,3 +244,36 @@ def test_apply_says_what_it_measured(wide) -> None:
     quirky.config = dataclasses.make_dataclass("C", [("_attn_implementation", str)])("sdpa")
     assert "kept as they are" in invariant.apply(quirky, 10)
     assert quirky.config._attn_implementation == "sdpa" and isinstance(quirky[0], _Quirky)
+
+
+def test_verify_cost_measures_invariant_forwards_beside_the_plain_ones(tmp_path, capsys) -> None:
+    import json
+
+    from bench import verify_cost
+    from tests.tiny import make_tiny_model_dir
+
+    folder = make_tiny_model_dir(tmp_path / "t", arch="qwen2")
+    out = tmp_path / "cost.json"
+    assert verify_cost.main(["--model", str(folder), "--batches", "1,2", "--positions", "1,3", "--repeat", "1", "--cache-len", "8", "--cpu-linear", "torch,invariant", "--dtype", "bfloat16", "--json", str(out)]) == 0  # fmt: skip
+    assert "invariant: invariant forwards: linear layers on rows" in capsys.readouterr().out
+    kernels = json.loads(out.read_text())["kernels"]
+    assert set(kernels) == {"torch", "invariant"} and all(len(k["rows"]) == 4 for k in kernels.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_invariant_attention_inside_a_model_computes_what_sdpa_does(tmp_path, arch) -> None:
+    """The float64 attention gets the model's causal and padding masks right: a prefill, steps and
+    a padded batch give sdpa's logits (fp32, to rounding)."""
+    from shared.models import load_model
+    from tests.tiny import make_tiny_model_dir
+
+    folder = make_tiny_model_dir(tmp_path / "t", arch=arch, seed=3)
+    plain, inv = load_model(str(folder)), load_model(str(folder))
+    inv.model.config._attn_implementation = invariant.INVARIANT_ATTENTION
+    rng, v = random.Random(2), plain.vocab_size
+    specs = [(rng.sample(range(v), 9), rng.sample(range(v), 4)), (rng.sample(range(v), 3), [5])]
+    for forward in (forward_rows, forward_packed):
+        want = forward(plain.model, [Row(_cache(plain.model, p), len(p), n) for p, n in specs], v)
+        got = forward(inv.model, [Row(_cache(inv.model, p), len(p), n) for p, n in specs], v)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
