@@ -277,3 +277,21 @@ def test_invariant_attention_inside_a_model_computes_what_sdpa_does(tmp_path, ar
         got = forward(inv.model, [Row(_cache(inv.model, p), len(p), n) for p, n in specs], v)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, said", [(["--dtype", "bfloat16"], True), (["--dtype", "bfloat16", "--invariant", "off"], False), (["--dtype", "float32"], False)])  # fmt: skip
+def test_the_worker_makes_a_bf16_target_invariant_and_logs_its_self_check(own_dev_broker, uid, tmp_path, extra, said) -> None:  # fmt: skip
+    """A real ``spececd-worker``: `invariant = auto` turns it on for bf16 on a CPU and logs what
+    the self-check measured; `off` and fp32 leave the kernels alone."""
+    from tests.tiny import make_tiny_model_dir
+    from tests.workers import start_worker_process
+
+    target = make_tiny_model_dir(tmp_path / "t", arch="qwen2", seed=2)
+    wp = start_worker_process(own_dev_broker.config(), worker_id=f"w-{uid}", target=str(target), workdir=tmp_path, extra=extra)  # fmt: skip
+    try:
+        line = [x for x in wp.output().splitlines() if "target: invariant forwards:" in x]
+        assert bool(line) == said, wp.output()
+        if said:
+            assert "self-check: a position's logits are bit-identical" in line[0]
+    finally:
+        wp.kill()
