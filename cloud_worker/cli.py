@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             swapped = use_onednn_linears(target.model)
             log.info("target: %d linear layers through oneDNN (cpu_linear)", swapped)
         if invariant.wanted(cfg.invariant, target.device, target.dtype):
-            log.info("target: %s", invariant.apply(target.model, target.model.config.vocab_size))
+            log.info("target: %s", invariant.apply(target.model, target.vocab_size))
         worker = Worker(
             target,
             broker,

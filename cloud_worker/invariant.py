@@ -202,10 +202,6 @@ def make_invariant(model: nn.Module) -> RowRule | None:
     for parent, name, layer in layers:
         setattr(parent, name, RowChunkedLinear(layer, rule))
     model.config._attn_implementation = INVARIANT_ATTENTION
-    for sub in model.modules():  # transformers 5 keeps a per-module copy of the config on some models
-        cfg = getattr(sub, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation") and cfg is not model.config:
-            cfg._attn_implementation = INVARIANT_ATTENTION
     return rule
 
 

@@ -22,12 +22,11 @@ from cloud_worker.invariant import (
     probe_rows,
     self_check,
 )
-from cloud_worker.verifier import Step, Verifier
 from shared.kvcache import forward_cached
 from shared.models import LoadedModel
-from shared.protocol import Decode, Draft, Open, Verdict
-from shared.sampling import SamplingParams, sparsify
+from shared.sampling import SamplingParams
 from tests.tiny import make_tokenizer
+from tests.verdicts import assert_one_forward_answers_as_alone
 
 
 class _Counting(nn.Module):
@@ -196,36 +195,8 @@ def test_invariant_batched_rows_equal_single_forwards_bit_for_bit(wide, forward)
 @pytest.mark.parametrize(
     "params", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)], ids=["greedy", "seeded"]
 )
-def test_invariant_verifier_gives_batched_sessions_the_verdicts_they_get_alone(wide, params) -> None:
-    _, fixed, _, _ = wide
-    batched, single = Verifier(fixed), Verifier(fixed)
-    ctxs = {"a": (5, 17, 42, 9), "b": (7, 8, 9, 10, 11, 12), "c": (3, 4)}
-    for verifier in (batched, single):
-        for sid, ctx in ctxs.items():
-            verifier.open(
-                Open(sid=sid, epoch=0, ctx=ctx, sampling=params, draft_model="", target_model="", max_new=20)
-            )
-
-    def q_for(tok):
-        if params.greedy:
-            return None
-        return tuple(sparsify(torch.softmax(torch.randn(fixed.vocab_size, generator=torch.Generator().manual_seed(t)), -1).index_fill(0, torch.tensor([t]), 0.5)) for t in tok)  # fmt: skip
-
-    reqs = [
-        Draft(sid="a", epoch=0, seq=0, pos=4, tok=(1, 2, 3), q=q_for((1, 2, 3))),
-        Draft(sid="b", epoch=0, seq=0, pos=6, tok=(9,), q=q_for((9,))),
-        Decode(sid="c", epoch=0, seq=0, pos=2, n=2),
-    ]
-    steps = [batched.prepare(r) for r in reqs]
-    assert all(isinstance(s, Step) for s in steps)
-    answers = {s.key: replies for s, replies in batched.run(steps)}
-    for r in reqs[:2]:
-        want, got = single.verify(r), answers[r.sid][0]
-        assert isinstance(got, Verdict) and (got.n_acc, got.next, got.alpha) == (
-            want.n_acc,
-            want.next,
-            want.alpha,
-        )
+def test_invariant_verifier_gives_batched_sessions_the_answers_they_get_alone(wide, params) -> None:
+    assert_one_forward_answers_as_alone(wide[1], params)
 
 
 def test_the_worker_turns_it_on_for_half_precision_on_a_cpu_only_by_default() -> None:
