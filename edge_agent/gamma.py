@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,6 +73,7 @@ GAMMA_AUTO = "auto"
 CONF_EDGES = (0.0, 0.3, 0.5, 0.7, 0.85, 0.95)  # lower edges of the draft-confidence bins
 NEVER = 2.0  # a confidence threshold no draft reaches: always stop there
 REEXPLORE = 64  # rounds after which a verify time measured once is doubted (and may be re-tried)
+CALIBRATIONS_KEPT = 8  # confidence calibrations a controller hands on, one per way of drawing
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +201,11 @@ class _Seen:
 class GammaController:
     """Picks each round's γ for one session; ``fixed`` pins it (then it only predicts)."""
 
-    def __init__(self, priors: GammaPriors | None = None, *, fixed: int | None = None) -> None:
+    def __init__(
+        self, priors: GammaPriors | None = None, *, fixed: int | None = None, draws: Hashable = None
+    ) -> None:
         self.priors = priors or GammaPriors()
+        self.draws = draws  # how the session draws (temperature, top-k, top-p): the calibration's key
         if fixed is not None and not 1 <= fixed <= 64:
             raise ValueError(f"fixed gamma must be in 1..64, got {fixed}")
         self.fixed = fixed
@@ -222,6 +226,7 @@ class GammaController:
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
+        self._calibrations: dict[Hashable, list[list[float]]] = {}  # other draws' bins, newest last
 
     # ------------------------------------------------------------------ learning
     def observe(self, obs: Observation) -> None:
@@ -455,14 +460,21 @@ class GammaController:
         due = cost.net + cost.queue + cost.verify
         return due - self._draft.mean(0.0) * (1.0 - self.alpha ** (gamma + 1))
 
-    def successor(self, *, fixed: int | None = None) -> GammaController:
+    def successor(self, *, fixed: int | None = None, draws: Hashable = None) -> GammaController:
         """A controller for the next session of the same draft model and link: it keeps what
         this one measured of the device, the network and the worker (draft cost, round trip,
         queue, batch occupancy, verify cost by positions) and of the draft pair (acceptance by
         draft confidence), so its first round needs no guess. The acceptance α starts again
         from the prior: it belongs to the prompt (and a benchmark that runs one prompt in
-        several cells in a row must not hand one cell's α̂ to the next)."""
-        nxt = GammaController(self.priors, fixed=fixed)
+        several cells in a row must not hand one cell's α̂ to the next).
+
+        ``draws``: how the next session samples (the edge passes temperature, top-k and top-p).
+        The calibration of confidence against acceptance belongs to it: greedy acceptance is
+        "the target's argmax is the draft", sampled acceptance min(1, p/q) of the tempered,
+        truncated q whose top probability the confidence then is. A session drawing otherwise
+        than this one starts from the calibration last learned for its own way of drawing (the
+        last ``CALIBRATIONS_KEPT`` are kept), or from none."""
+        nxt = GammaController(self.priors, fixed=fixed, draws=draws)
         nxt._draft, nxt._net, nxt._queue, nxt._others = (
             copy.copy(self._draft),
             copy.copy(self._net),
@@ -478,7 +490,13 @@ class GammaController:
         nxt._row_med = self._row_med
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
-        nxt._conf = [list(b) for b in self._conf]
+        kept = {k: v for k, v in self._calibrations.items() if k != self.draws}
+        kept[self.draws] = self._conf  # this session's calibration, the newest
+        while len(kept) > CALIBRATIONS_KEPT:
+            kept.pop(next(iter(kept)))
+        nxt._calibrations = {k: [list(b) for b in v] for k, v in kept.items()}
+        if draws in nxt._calibrations:
+            nxt._conf = [list(b) for b in nxt._calibrations[draws]]
         return nxt
 
     def _reason(self, gamma: int, ready: int, cap: int, stops: tuple[float, ...] = ()) -> str:

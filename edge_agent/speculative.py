@@ -260,9 +260,17 @@ def gamma_controller(opts: GenerateOptions, previous: GammaController | None = N
     only predicts). ``previous``: the last session's controller on the same link and draft model,
     whose measurements it starts from (unless ``opts.gamma_priors`` asks for other priors)."""
     fixed = None if opts.gamma == GAMMA_AUTO else int(opts.gamma)
+    draws = draws_key(opts.params)
     if previous is not None and opts.gamma_priors in (None, previous.priors):
-        return previous.successor(fixed=fixed)
-    return GammaController(opts.gamma_priors, fixed=fixed)
+        return previous.successor(fixed=fixed, draws=draws)
+    return GammaController(opts.gamma_priors, fixed=fixed, draws=draws)
+
+
+def draws_key(params: SamplingParams) -> tuple[float, int, float] | None:
+    """How a session draws, as far as the acceptance of a draft of given confidence depends on
+    it: None when greedy (any temperature below GREEDY_BELOW), else (temperature, top-k, top-p).
+    The seed does not change the calibration."""
+    return None if params.greedy else (float(params.temperature), params.top_k, float(params.top_p))
 
 
 def _speculative(

@@ -178,6 +178,25 @@ def test_next_session_starts_from_what_the_last_one_measured(models) -> None:
     )
 
 
+def test_a_session_drawing_otherwise_keeps_the_costs_not_the_calibration(models) -> None:
+    """The edge hands each session's figures to the next on the link, keyed by how it draws:
+    a sampled session after a greedy one starts from the measured costs but not from greedy's
+    calibration of confidence against acceptance; a greedy one after it gets greedy's back."""
+    pair = InProcessPair.from_models(models["draft"], models["target"])
+    pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=GREEDY))
+    learned = spec._learned(pair.drafter, pair.link)
+    assert learned is not None and learned.draws is None
+    greedy_bins = [list(b) for b in learned._conf]
+    assert sum(a + r for a, r in greedy_bins) > 0
+    sampled = spec.gamma_controller(GenerateOptions(gamma="auto", params=SAMPLED), learned)
+    assert sampled.draws == (0.8, 50, 1.0) and all(a + r == 0 for a, r in sampled._conf)
+    assert not sampled.decide().reason.startswith("prior")  # the costs came along
+    pair.run(PROMPT, GenerateOptions(gamma="auto", max_new_tokens=N, params=SAMPLED))
+    after = spec._learned(pair.drafter, pair.link)
+    greedy_again = spec.gamma_controller(GenerateOptions(gamma="auto", params=GREEDY), after)
+    assert greedy_again._conf == greedy_bins
+
+
 def test_a_new_draft_model_at_a_freed_ones_address_starts_cold() -> None:
     """What a session learned is kept per (link, draft model), keyed by ids and checked by weak
     references to both: a draft model that reuses a freed one's id does not inherit its figures."""

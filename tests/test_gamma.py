@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent.gamma import (
+    CALIBRATIONS_KEPT,
     GAMMA_AUTO,
     GammaController,
     GammaPriors,
@@ -474,6 +475,40 @@ def test_early_stop_learns_which_confidences_pay() -> None:
     assert len(stops) == ctrl.decide().gamma and stops[0] == 0.0
     assert all(0.1 < c <= 0.99 for c in stops[1:]), stops
     assert GammaController(fixed=4).decide().stop_below == ()
+
+
+def _calibrate(ctrl: GammaController, accepted_above: float, rounds: int = 30) -> None:
+    """Rounds whose drafts are accepted exactly when their confidence is above ``accepted_above``."""
+    for r in range(rounds):
+        conf = tuple((0.2, 0.6, 0.9)[(r + i) % 3] for i in range(4))
+        n_acc = next((i for i, c in enumerate(conf) if c <= accepted_above), 4)
+        ctrl.observe(Observation(gamma=4, n_acc=n_acc, draft_ms=80.0, drafted=4, link_ms=130.0,
+                                 verify_ms=100.0, queue_ms=0.0, confidence=conf))  # fmt: skip
+
+
+def test_confidence_calibration_is_kept_per_way_of_drawing() -> None:
+    """How often a draft of a given confidence is accepted depends on how the session draws
+    (greedy: the target's argmax; sampled: min(1, p/q) of a tempered q). The next session keeps
+    the device's and the worker's figures whatever it draws, but starts from the calibration of
+    its own way of drawing: a greedy session's does not reach a sampled one, and back."""
+    greedy = GammaController(draws=None)
+    _calibrate(greedy, accepted_above=0.5)  # greedy: 0.6 and 0.9 pass
+    assert greedy.accept_prob(0.6) > 0.8
+    sampled = greedy.successor(draws=(0.8, 0, 1.0))
+    assert sampled.accept_prob(0.6) == pytest.approx(sampled.alpha)  # nothing learned for T = 0.8 yet
+    assert sampled.predict(3)[1] == pytest.approx(greedy.predict(3)[1])  # costs carried all the same
+    _calibrate(sampled, accepted_above=0.8)  # sampled: only 0.9 passes
+    assert sampled.accept_prob(0.6) < 0.2
+    back = sampled.successor(draws=None)
+    assert back.accept_prob(0.6) > 0.8 and back.accept_prob(0.2) < 0.2  # greedy's, kept across
+    again = back.successor(draws=(0.8, 0, 1.0))
+    assert again.accept_prob(0.6) < 0.2 and again.accept_prob(0.9) > 0.8
+    assert back.successor(draws=(0.8, 50, 1.0)).accept_prob(0.6) == pytest.approx(0.7)  # top-k differs
+    many = again
+    for t in range(CALIBRATIONS_KEPT + 2):  # bounded: the oldest ways of drawing are forgotten
+        many = many.successor(draws=(1.0 + t, 0, 1.0))
+    assert len(many._calibrations) <= CALIBRATIONS_KEPT
+    assert many.successor(draws=None).accept_prob(0.6) == pytest.approx(0.7)
 
 
 def test_drafting_ahead_stops_when_another_forward_would_outlive_the_verdict() -> None:
