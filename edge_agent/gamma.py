@@ -226,7 +226,7 @@ class GammaController:
         self._verify: dict[int, _Seen] = {}  # positions of a forward -> its verify_ms
         self._measured = False  # costs known (from a round of this session or an earlier one)
         self._conf = [[0.0, 0.0] for _ in CONF_EDGES]  # per confidence bin: [accepted, rejected]
-        self._calibrations: dict[Hashable, list[list[float]]] = {}  # other draws' bins, newest last
+        self._calibrations: dict[Hashable, list[list[float]]] = {}  # bins of other draws, newest last
 
     # ------------------------------------------------------------------ learning
     def observe(self, obs: Observation) -> None:
@@ -490,13 +490,14 @@ class GammaController:
         nxt._row_med = self._row_med
         nxt._verify = {k: _Seen(e.mean, e.last - self.rounds) for k, e in self._verify.items()}  # same ages
         nxt._measured = self._measured
-        kept = {k: v for k, v in self._calibrations.items() if k != self.draws}
+        kept = dict(self._calibrations)
         kept[self.draws] = self._conf  # this session's calibration, the newest
         while len(kept) > CALIBRATIONS_KEPT:
             kept.pop(next(iter(kept)))
+        own = kept.pop(draws, None)
+        if own is not None:
+            nxt._conf = [list(b) for b in own]
         nxt._calibrations = {k: [list(b) for b in v] for k, v in kept.items()}
-        if draws in nxt._calibrations:
-            nxt._conf = [list(b) for b in nxt._calibrations[draws]]
         return nxt
 
     def _reason(self, gamma: int, ready: int, cap: int, stops: tuple[float, ...] = ()) -> str:
