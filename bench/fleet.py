@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import time
 import uuid
@@ -36,6 +37,7 @@ from bench.fleet_stats import (
     proc_cpu_s,
     proc_rss_mb,
     rss_drift,
+    save_rounds,
     scrape,
     summarize_cell,
 )
@@ -167,15 +169,19 @@ def record_transplanted(
 
 
 def run_cell(replayer: Replayer, recs: list, *, n: int, mode: str, seconds: float,
-             worker_pid: int, metrics_url: str, device_prefix: str | None = None) -> dict:  # fmt: skip
+             worker_pid: int, metrics_url: str, device_prefix: str | None = None,
+             rounds_file: Path | None = None) -> dict:  # fmt: skip
     """One (N, mode) cell: N slots replaying ``recs`` for ``seconds``; returns its figures.
-    ``recs``: recordings of that mode (``Recording`` or, for the γ sweep, ``ChainRecording``)."""
+    ``recs``: recordings of that mode (``Recording`` or, for the γ sweep, ``ChainRecording``);
+    ``rounds_file``: where to write every answered request of the cell (``save_rounds``)."""
     before = scrape(metrics_url)
     cpu_w0, cpu_r0 = proc_cpu_s(worker_pid), time.process_time()
     plan = plan_slots(n, recs, device_prefix=device_prefix or f"fleet{mode[:1]}")
     t0, t1 = replayer.run(plan, duration_s=seconds, min_rounds=MIN_ROUNDS)
     cpu_w, cpu_r = proc_cpu_s(worker_pid) - cpu_w0, time.process_time() - cpu_r0
     cell = summarize_cell(replayer.rounds, replayer.generations, (t0, t1), n=n, mode=mode)
+    if rounds_file is not None:
+        save_rounds(rounds_file, replayer.rounds, (t0, t1), n)
     after = scrape(metrics_url)
     add_forward_figures(cell, forward_counts(before, after))
     cell["padded_per_forward"] = padded_per_forward(before, after)
@@ -298,7 +304,8 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
                         for n in ns:
                             for mode in modes:
                                 cell = run_cell(replayer, only(recs, FLEET_MODES[mode]), n=n, mode=mode,
-                                                seconds=args.fleet_seconds, worker_pid=proc.pid, metrics_url=murl)  # fmt: skip
+                                                seconds=args.fleet_seconds, worker_pid=proc.pid, metrics_url=murl,
+                                                rounds_file=out / "rounds" / _file_name(f"{name}-{mode}-{n}.jsonl"))  # fmt: skip
                                 cells.append({"worker": name, **cell})
                                 _progress(args, cells[-1])
                             for g in gammas:  # the adaptive-γ sweep under load (issue 13)
@@ -321,6 +328,11 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
               "fleet_gamma": [str(g) for g in gammas]}  # fmt: skip
     write_fleet_report(report, out)
     return out
+
+
+def _file_name(text: str) -> str:
+    """``text`` with whatever a file name should not hold (a worker's NAME is the user's) as ``_``."""
+    return re.sub(r"[^\w.+-]", "_", text)
 
 
 def _stop(proc, timeout: float = 30.0) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from bench.fleet_replay import GenerationRecord, RoundRecord
 
@@ -118,11 +120,41 @@ def padded_per_forward(before: dict[str, float], after: dict[str, float]) -> flo
     return round(total / n, 3) if n > 0 and total is not None else None
 
 
+def save_rounds(path: Path, rounds: list[RoundRecord], window: tuple[float, float], n: int) -> None:
+    """Every answered request of a cell, one JSON object a line, times in ms from the window's
+    start (``counted``: in the cell's figures, see ``counted_from``): what the percentiles are
+    made of, so a slow round can be found and set beside the worker's forward log
+    (``--log-level debug``)."""
+    t_begin, t1 = window
+    t0 = counted_from(rounds, window, n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in sorted(rounds, key=lambda r: r.t_send):
+            row = {"slot": r.slot, "kind": r.kind, "send_ms": round(1e3 * (r.t_send - t_begin), 1),
+                   "latency_ms": round(r.latency_ms, 1), "committed": r.committed, "gamma": r.gamma,
+                   "verify_ms": round(r.verify_ms, 1), "queue_ms": round(r.queue_ms, 1),
+                   "batch": r.batch, "batch_pos": r.batch_pos, "match": r.match,
+                   "counted": t0 <= r.t_reply <= t1}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
 def _pct(vals: list[float], q: float) -> float | None:
     if not vals:
         return None
     vals = sorted(vals)
     return round(vals[min(len(vals) - 1, int(q * len(vals)))], 2)
+
+
+def counted_from(rounds: list[RoundRecord], window: tuple[float, float], n: int) -> float:
+    """When a cell's count starts: once each of its ``n`` sessions has had its first answer, at
+    most half the window in (``summarize_cell``)."""
+    t_begin, t1 = window
+    first: dict[int, float] = {}
+    for r in rounds:
+        if r.kind in ("draft", "decode") and r.t_reply <= t1:
+            first[r.slot] = min(first.get(r.slot, r.t_reply), r.t_reply)
+    half = t_begin + 0.5 * (t1 - t_begin)
+    return min(max(first.values()), half) if len(first) == n else half
 
 
 def summarize_cell(
@@ -141,12 +173,7 @@ def summarize_cell(
     very start would charge the N prefills and first rounds, and lose the last rounds, of
     sessions whose rounds are long compared with the window."""
     t_begin, t1 = window
-    first: dict[int, float] = {}
-    for r in rounds:
-        if r.kind in ("draft", "decode") and r.t_reply <= t1:
-            first[r.slot] = min(first.get(r.slot, r.t_reply), r.t_reply)
-    half = t_begin + 0.5 * (t1 - t_begin)
-    t0 = min(max(first.values()), half) if len(first) == n else half
+    t0 = counted_from(rounds, window, n)
     span = max(1e-9, t1 - t0)
     inside = [r for r in rounds if t0 <= r.t_reply <= t1]
     work = [r for r in inside if r.kind in ("draft", "decode")]

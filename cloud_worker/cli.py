@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_window_ms=cfg.batch_window_ms,
             width_rule=cfg.width_rule,
             batch_layout=cfg.batch_layout,
+            shared_prefill_tokens=cfg.shared_prefill_tokens,
             fair_wait_ms=cfg.fair_wait_ms,
             max_cached_tokens=cfg.max_cached_tokens,
             max_sessions_per_device=cfg.max_sessions_per_device,

@@ -51,6 +51,17 @@ time cannot lengthen the forward of one behind.
 Bounds of a forward: ``max_sessions`` rows and ``max_tokens`` PADDED positions (rows × longest
 row: what a padded forward costs; packed: the real positions). The leader's row is always taken; an open's prefill is cut to
 fit (the rest is its next step).
+
+A prefill beside drafts and decodes (``shared_prefill``, as chunked prefill in vLLM: the running
+sessions first, the prefill in what is left). Once the riders are in, the prefill rows of a
+forward that also carries other sessions' drafts or decode rows hold at most ``shared_prefill``
+positions together (a row keeps at least one: each further open in the forward may add one);
+``None`` (config "auto"): as many as those rows hold, at least ``PREFILL_FLOOR`` (padded under
+the width rule ``cost``, no cap: the measured costs already bound the chunk that rides). On a CPU a forward's time grows with its positions, so a leading prefill chunk
+of its whole share (64 positions at 8 devices) made every round riding beside it wait a forward
+three times as long (docs/BENCHMARKS.md §4.10); capped, such a forward costs at most about two
+of the riders' own, and the open goes on in the next forwards. A forward of prefills only, or a
+prefill alone, still takes the share.
 """
 
 from __future__ import annotations
@@ -77,6 +88,7 @@ RECENT_S = 1.0  # a device that had work this recently (or within 3 mean forward
 REJOIN_SHARE = 0.5  # rejoin window "auto": wait for sessions back within this share of a mean forward
 REJOIN_MARGIN = 2.0  # ... a session's return is expected within its mean gap + this many mean deviations
 REJOIN_SLACK_S = 0.005  # ... and this much more (the broker's and the intake's own delay)
+PREFILL_FLOOR = 16  # shared_prefill "auto": a prefill beside others gets at least this many positions
 GAP_FORGET = 0.8  # weight kept by a session's old return gaps at each new one
 MAX_GAPS = 4096  # sessions whose return gap is remembered
 WIDTH_RULES = ("cost", "ratio")
@@ -129,16 +141,20 @@ class Scheduler:
         max_sessions: int = 32,
         width_rule: str = "ratio",
         packed: bool = False,
+        shared_prefill: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_tokens < 1 or max_sessions < 1:
             raise ValueError("max_tokens and max_sessions must be >= 1")
+        if shared_prefill is not None and shared_prefill < 1:
+            raise ValueError(f"shared_prefill must be >= 1 or None (auto), got {shared_prefill}")
         if width_rule not in WIDTH_RULES:
             raise ValueError(f"width_rule must be one of {', '.join(WIDTH_RULES)}, got {width_rule!r}")
         self.max_tokens = max_tokens
         self.max_sessions = max_sessions
         self.width_rule = width_rule
         self.packed = packed  # the forward packs its rows (batch_layout "packed"): no padding, no width rule
+        self.shared_prefill = shared_prefill  # prefill positions beside drafts/decodes (None: auto)
         self.cost = ForwardCost()  # this worker's batched forwards: seconds by padded positions
         self.line = CostLine()  # every forward: seconds against rows and padded positions
         self._rows: deque[tuple[str, int]] = deque(maxlen=ROW_WINDOW)  # (device, positions): last draft rows
@@ -452,6 +468,7 @@ class Scheduler:
                 batch.append((job, step))
                 served.append(key)
                 progress = True
+        self._cap_prefill(batch)
         self.last_rows = [(job.device, len(step.row.tokens)) for job, step in batch]
         self._rows.extend(
             row for (job, _), row in zip(batch, self.last_rows, strict=True) if isinstance(job.msg, Draft)
@@ -467,6 +484,22 @@ class Scheduler:
         if firsts and next(iter(self.devices), None) == firsts[0]:
             self.devices.move_to_end(firsts[0])  # every device was served: the next round starts one later
         return batch
+
+    def _cap_prefill(self, batch: list[tuple[Job, Step]]) -> None:
+        """Cut the prefill rows of a forward that also carries drafts or decode rows to
+        ``shared_prefill`` positions together (module docstring), in the order they were taken;
+        each keeps at least one (the rest of an open is its next step)."""
+        others = sum(len(step.row.tokens) for job, step in batch if not job.prefill)
+        if not others or len(batch) < 2:
+            return
+        if self.shared_prefill is None and self.width_rule == "cost" and not self.packed:
+            return  # auto under the cost rule: the measured costs already bound a riding chunk
+        left = self.shared_prefill if self.shared_prefill is not None else max(PREFILL_FLOOR, others)
+        for job, step in batch:
+            if job.prefill:
+                keep = max(1, left)
+                del step.row.tokens[keep:]
+                left -= keep
 
 
 def _widest_for(k: int) -> int:

@@ -70,6 +70,7 @@ class Worker(Intake):
         batch_window_ms: float | str = "auto",
         width_rule: str = "ratio",
         batch_layout: str = "padded",
+        shared_prefill_tokens: int | str = "auto",
         fair_wait_ms: float = FAIR_WAIT_MS,
         max_cached_tokens: int = 1 << 20,
         max_sessions_per_device: int = 0,
@@ -90,6 +91,7 @@ class Worker(Intake):
             max_sessions=max_batch_sessions,
             width_rule=width_rule,
             packed=batch_layout == "packed",
+            shared_prefill=None if shared_prefill_tokens == "auto" else int(shared_prefill_tokens),
         )
         self.rejoin_auto = batch_window_ms == REJOIN_AUTO
         self.batch_window_s = 0.0 if self.rejoin_auto else max(0.0, float(batch_window_ms)) / 1e3

@@ -149,6 +149,7 @@ class WorkerConfig:
     batch_window_ms: float | str = "auto"  # or ms
     width_rule: str = "ratio"
     batch_layout: str = "padded"
+    shared_prefill_tokens: int | str = "auto"  # or positions
     fair_wait_ms: float = 20.0
     max_cached_tokens: int = 1 << 20
     max_sessions_per_device: int = 0
@@ -421,6 +422,7 @@ _WORKER_BATCH_KEYS = (
     "batch_window_ms",
     "width_rule",
     "batch_layout",
+    "shared_prefill_tokens",
     "fair_wait_ms",
     "max_cached_tokens",
     "max_sessions_per_device",

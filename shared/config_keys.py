@@ -395,6 +395,15 @@ KEYS: dict[str, _Key] = {
             "'packed' = one sequence of the real positions, a mask per session (no padding)",
         ),
         _Key(
+            "shared_prefill_tokens",
+            _W,
+            _or_auto(_int(1, 1_000_000)),
+            "auto",
+            "positions an open's prefill may hold in a forward that also carries other sessions' "
+            "drafts or decodes: 'auto' = as many as those rows hold, at least 16 (the rest of the "
+            "prefill goes in the next forwards)",
+        ),
+        _Key(
             "fair_wait_ms",
             _W,
             _float(0.0, 10_000.0),

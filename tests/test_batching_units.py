@@ -422,11 +422,65 @@ def test_packed_forwards_take_rows_of_any_length_up_to_the_leaders_ratio() -> No
     lead.push(_job("o", "open", k=300, prefill=True))
     for i in range(4):
         lead.push(_job(f"d{i}", "s", k=3))
-    assert [len(s.row.tokens) for _, s in lead.select(_prepare)] == [102, 3, 3, 3, 3]  # its share: 512 / 5
+    # its share would be 512 / 5 = 102; beside four 3-position drafts it holds at most 16 (auto's floor)
+    assert [len(s.row.tokens) for _, s in lead.select(_prepare)] == [16, 3, 3, 3, 3]
     budget = Scheduler(max_tokens=20, max_sessions=16, packed=True)
     for i in range(8):
         budget.push(_job(f"d{i}", "s", k=3))
     assert [len(s.row.tokens) for _, s in budget.select(_prepare)] == [3] * 6  # 18 real positions <= 20
+
+
+def _prefill_fleet(sched: Scheduler, *, drafts: int, prompt: int) -> list[list[tuple[str, int, bool]]]:
+    """Run ``sched`` until one ``prompt``-token open beside ``drafts`` saturating sessions (each
+    always has its next 3-position draft queued) is prefilled; the forwards, as (key, positions,
+    prefill) rows."""
+    for i in range(drafts):
+        sched.push(_job(f"d{i}", "s"))
+    sched.push(_job("o", "open", k=prompt, prefill=True))
+    left, forwards = prompt, []
+    while left:
+        batch = sched.select(_prepare)
+        forwards.append([(j.key, len(st.row.tokens), j.prefill) for j, st in batch])
+        for job, step in batch:
+            if job.prefill:
+                left -= len(step.row.tokens)
+                if left:  # its next chunk goes back first, as the worker does
+                    sched.push(_job("o", "open", k=left, prefill=True), front=True)
+            else:
+                sched.push(_job(job.device, "s"))
+        sched.charge(0.1 * sum(len(st.row.tokens) for _, st in batch))
+    return forwards
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_prefill_beside_drafts_holds_at_most_their_positions(packed) -> None:
+    """Chunked prefill beside running sessions (shared_prefill): a forward that carries drafts
+    carries at most max(16, their positions) of an open's prefill ("auto") or the configured
+    number, however long the prompt and whoever leads; alone, a prefill still takes its share,
+    and the open is never starved."""
+    forwards = _prefill_fleet(Scheduler(max_tokens=512, max_sessions=16, packed=packed), drafts=8, prompt=300)
+    for rows in forwards:
+        others = sum(k for _, k, prefill in rows if not prefill)
+        if others:
+            assert sum(k for _, k, prefill in rows if prefill) <= max(16, others), rows
+    assert any(p for rows in forwards for _, _, p in rows)
+    fixed = _prefill_fleet(Scheduler(max_tokens=512, max_sessions=16, packed=packed, shared_prefill=5),
+                           drafts=8, prompt=60)  # fmt: skip
+    assert max(k for rows in fixed for _, k, p in rows if p and len(rows) > 1) <= 5
+    if packed:  # packed, the drafts ride beside the leading prefill chunk: it is cut to their 24
+        assert max(k for rows in forwards for _, k, p in rows if p) == 24
+    alone = Scheduler(max_tokens=512, max_sessions=16, packed=packed)
+    alone.push(_job("o", "open", k=300, prefill=True))
+    assert len(alone.select(_prepare)[0][1].row.tokens) == 300
+    two = Scheduler(max_tokens=512, max_sessions=16, packed=True)  # two opens beside one draft
+    two.push(_job("a", "open", k=200, prefill=True))
+    two.push(_job("b", "open", k=200, prefill=True))
+    two.push(_job("d", "s", k=3))
+    rows = [(j.prefill, len(st.row.tokens)) for j, st in two.select(_prepare)]
+    # 16 between them, the second open keeping one position (a row holds at least one)
+    assert sorted(k for p, k in rows if p) == [1, 16] and (False, 3) in rows, rows
+    with pytest.raises(ValueError, match="shared_prefill"):
+        Scheduler(shared_prefill=0)
 
 
 def _simulate(

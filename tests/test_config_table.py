@@ -53,6 +53,8 @@ def sample(key: str, tmp_path: Path) -> tuple[object, str]:
         return 5, "5"
     if key == "batch_window_ms":  # "auto" (the default) or a number of ms
         return 20.0, "20.0"
+    if key == "shared_prefill_tokens":  # "auto" (the default) or a number of positions
+        return 24, "24"
     if isinstance(spec.default, bool):
         raise AssertionError(key)
     if isinstance(spec.default, int):

@@ -145,6 +145,14 @@ def test_fleet_report_has_every_cell_and_no_mismatch(fleet_run) -> None:
     assert (out / "fleet_throughput.png").read_bytes()[:8] == PNG_MAGIC
     md = (out / "fleet.md").read_text()
     assert "| default | speculative | 3 |" in md and "fleet_throughput.png" in md
+    # every cell's answered requests are on file, and the counted ones are what its figures say
+    for (mode, n), c in cells.items():
+        rows = [json.loads(line) for line in (out / "rounds" / f"default-{mode}-{n}.jsonl").open()]
+        counted = [r for r in rows if r["counted"] and r["kind"] in ("draft", "decode")]
+        assert len(counted) == c["rounds"]
+        assert sum(r["committed"] for r in counted) == c["committed_tokens"]
+        assert {r["slot"] for r in counted} == set(range(n))
+        assert any(r["kind"] == "open" for r in rows)
 
 
 @pytest.fixture(scope="module")
