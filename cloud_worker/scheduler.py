@@ -54,14 +54,20 @@ fit (the rest is its next step).
 
 A prefill beside drafts and decodes (``shared_prefill``, as chunked prefill in vLLM: the running
 sessions first, the prefill in what is left). Once the riders are in, the prefill rows of a
-forward that also carries other sessions' drafts or decode rows hold at most ``shared_prefill``
-positions together (a row keeps at least one: each further open in the forward may add one);
-``None`` (config "auto"): as many as those rows hold, at least ``PREFILL_FLOOR`` (padded under
-the width rule ``cost``, no cap: the measured costs already bound the chunk that rides). On a CPU a forward's time grows with its positions, so a leading prefill chunk
-of its whole share (64 positions at 8 devices) made every round riding beside it wait a forward
-three times as long (docs/BENCHMARKS.md §4.10); capped, such a forward costs at most about two
-of the riders' own, and the open goes on in the next forwards. A forward of prefills only, or a
-prefill alone, still takes the share.
+forward that carries other sessions' drafts or decode steps, or leaves some waiting at the head
+of their queues, hold at most ``shared_prefill`` positions together; a prefill row the budget
+leaves nothing for goes back to the front of its queue (the first keeps at least one position).
+``None`` (config "auto"): as many as those drafts and decode steps hold, at least
+``PREFILL_FLOOR`` (padded under the width rule ``cost``, no cap: the measured costs already
+bound the chunk that rides). On a CPU a forward's time grows with its positions: packed, a
+leading prefill chunk of its whole share (64 positions at 8 devices) made every round riding
+beside it wait for a forward three times as long (docs/BENCHMARKS.md §4.10); padded, drafts
+cannot ride beside a prefill chunk, and a forward of four re-opening sessions' whole prompts
+kept them waiting 2–3 s (§4.14). Capped, the forward the drafts ride in or wait for costs about
+as much as their own, and the open goes on in the next forwards; after a forward of prefill
+only that drafts or decode steps waited for, those lead the next one (whatever their devices'
+model time), so they wait for one such forward at most. With no draft or decode step queued, a
+prefill still takes its share.
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ class Scheduler:
         self._placed: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}  # session -> when its last answer went out
         self._gaps: OrderedDict[str, _Gap] = OrderedDict()  # session -> answer-to-next-request gap (s)
+        self._prefill_first = False  # the last forward: prefill only, drafts or decodes waited for it
 
     def __len__(self) -> int:
         return self._queued  # a plain int: safe to read from another thread (metrics)
@@ -431,6 +438,9 @@ class Scheduler:
         fair = self.max_tokens // max(1, len(self._seen))
         # stable: equal virtual times keep the round-robin order
         order = sorted(self.devices, key=lambda d: self.vtime.get(d, 0.0))
+        if self._prefill_first:  # the last forward was a prefill the drafts waited for: they lead now
+            self._prefill_first = False
+            order.sort(key=self._head_is_prefill)
         batch: list[tuple[Job, Step]] = []
         fit = _Fit(
             self.max_tokens,
@@ -468,7 +478,9 @@ class Scheduler:
                 batch.append((job, step))
                 served.append(key)
                 progress = True
-        self._cap_prefill(batch)
+        for job in self._cap_prefill(batch):  # back to the front of its queue, as it was
+            served.remove(job.key)
+            self._unpop(job)
         self.last_rows = [(job.device, len(step.row.tokens)) for job, step in batch]
         self._rows.extend(
             row for (job, _), row in zip(batch, self.last_rows, strict=True) if isinstance(job.msg, Draft)
@@ -485,22 +497,61 @@ class Scheduler:
             self.devices.move_to_end(firsts[0])  # every device was served: the next round starts one later
         return batch
 
-    def _cap_prefill(self, batch: list[tuple[Job, Step]]) -> None:
-        """Cut the prefill rows of a forward that also carries drafts or decode rows to
-        ``shared_prefill`` positions together (module docstring), in the order they were taken;
-        each keeps at least one (the rest of an open is its next step)."""
-        others = sum(len(step.row.tokens) for job, step in batch if not job.prefill)
-        if not others or len(batch) < 2:
-            return
+    def _cap_prefill(self, batch: list[tuple[Job, Step]]) -> list[Job]:
+        """Cut the prefill rows of a forward that carries drafts or decode steps, or leaves some
+        waiting, to ``shared_prefill`` positions together (module docstring), in the order they
+        were taken; a prefill row the budget leaves nothing for leaves the forward (returned, to
+        be queued again), except the first, which keeps at least one position."""
+        others = sum(len(step.row.tokens) for job, step in batch if not job.prefill) + self._waiting(batch)
+        if not others or not any(job.prefill for job, _ in batch):
+            return []
         if self.shared_prefill is None and self.width_rule == "cost" and not self.packed:
-            return  # auto under the cost rule: the measured costs already bound a riding chunk
+            return []  # auto under the cost rule: the measured costs already bound a riding chunk
         left = self.shared_prefill if self.shared_prefill is not None else max(PREFILL_FLOOR, others)
+        self._prefill_first = all(job.prefill for job, _ in batch)  # the waiting ones lead next
+        dropped: list[Job] = []
         for job, step in batch:
-            if job.prefill:
-                keep = max(1, left)
-                del step.row.tokens[keep:]
-                left -= keep
+            if not job.prefill:
+                continue
+            if left <= 0 and len(batch) - len(dropped) > 1:
+                dropped.append(job)
+                continue
+            keep = max(1, left)
+            del step.row.tokens[keep:]
+            left -= keep
+        if dropped:
+            batch[:] = [(job, step) for job, step in batch if all(job is not d for d in dropped)]
+        return dropped
 
+    def _head_is_prefill(self, device: str) -> bool:
+        """Whether ``device``'s next job in turn is a prefill (or it has none)."""
+        turn = self.devices.get(device)
+        q = self.queues.get(turn[0]) if turn else None
+        return q is None or q[0].prefill
+
+    def _waiting(self, batch: list[tuple[Job, Step]]) -> int:
+        """The positions of the drafts and decode steps this forward leaves queued at the head of
+        their sessions' queues (a draft: its block and the token before it; a decode step: one)."""
+        taken = {job.key for job, _ in batch}
+        total = 0
+        for key, q in self.queues.items():
+            job = q[0]
+            if key in taken or job.prefill:
+                continue
+            if job.step is not None:
+                total += len(job.step.row.tokens)
+            else:
+                total += len(job.msg.tok) + 1 if isinstance(job.msg, Draft) else 1
+        return total
+
+    def _unpop(self, job: Job) -> None:
+        """Undo ``_pop`` of ``job``: back at the front of its session's queue."""
+        q = self.queues.get(job.key)
+        if q is None:
+            q = self.queues[job.key] = deque()
+            self.devices.setdefault(job.device, deque()).appendleft(job.key)
+        q.appendleft(job)
+        self._queued += 1
 
 def _widest_for(k: int) -> int:
     """The widest forward a row of ``k`` positions may be padded into (width rule ``ratio``)."""

@@ -375,8 +375,9 @@ def test_scheduler_rotates_who_comes_first() -> None:
     assert firsts == ["a", "b", "c", "a", "b", "c"]
 
 
-def test_prefill_beside_others_takes_only_the_row_width() -> None:
-    sched = Scheduler(max_tokens=512, max_sessions=8)
+@pytest.mark.parametrize("shared_prefill", [None, 1_000_000], ids=["auto", "uncapped"])
+def test_prefill_beside_others_takes_only_the_row_width(shared_prefill) -> None:
+    sched = Scheduler(max_tokens=512, max_sessions=8, shared_prefill=shared_prefill)
     sched.push(_job("d", "draft", k=3))
     sched.push(_job("o", "open", k=300, prefill=True))
     batch = sched.select(_prepare)
@@ -386,8 +387,9 @@ def test_prefill_beside_others_takes_only_the_row_width() -> None:
     )  # its next chunk goes back (as the worker does)
     sched.push(_job("d", "draft", k=3))
     batch = sched.select(_prepare)  # the open comes first now: it leads, cut to its share
-    assert batch[0][0].key == "o/open" and len(batch[0][1].row.tokens) == 256
-    assert [j.key for j, _ in batch] == ["o/open"]  # the draft is not padded to 256 either
+    assert [j.key for j, _ in batch] == ["o/open"]  # the draft is not padded to its chunk
+    # ... which, with the draft left waiting, is 16 positions (auto), not the whole share of 256
+    assert len(batch[0][1].row.tokens) == (16 if shared_prefill is None else 256)
     alone = Scheduler(max_tokens=512, max_sessions=8)
     alone.push(_job("o", "open", k=300, prefill=True))
     assert len(alone.select(_prepare)[0][1].row.tokens) == 300  # alone it may take the budget
@@ -454,15 +456,13 @@ def _prefill_fleet(sched: Scheduler, *, drafts: int, prompt: int) -> list[list[t
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_a_prefill_beside_drafts_holds_at_most_their_positions(packed) -> None:
-    """Chunked prefill beside running sessions (shared_prefill): a forward that carries drafts
-    carries at most max(16, their positions) of an open's prefill ("auto") or the configured
-    number, however long the prompt and whoever leads; alone, a prefill still takes its share,
-    and the open is never starved."""
+    """Chunked prefill beside running sessions (shared_prefill): a forward that carries drafts,
+    or leaves some waiting, carries at most max(16, their positions) of an open's prefill
+    ("auto") or the configured number, however long the prompt and whoever leads; alone, a
+    prefill still takes its share, and the open is never starved."""
     forwards = _prefill_fleet(Scheduler(max_tokens=512, max_sessions=16, packed=packed), drafts=8, prompt=300)
-    for rows in forwards:
-        others = sum(k for _, k, prefill in rows if not prefill)
-        if others:
-            assert sum(k for _, k, prefill in rows if prefill) <= max(16, others), rows
+    for rows in forwards:  # the eight drafts (24 positions) ride in each forward or wait for the next
+        assert sum(k for _, k, prefill in rows if prefill) <= 24, rows
     assert any(p for rows in forwards for _, _, p in rows)
     fixed = _prefill_fleet(Scheduler(max_tokens=512, max_sessions=16, packed=packed, shared_prefill=5),
                            drafts=8, prompt=60)  # fmt: skip
@@ -477,8 +477,21 @@ def test_a_prefill_beside_drafts_holds_at_most_their_positions(packed) -> None:
     two.push(_job("b", "open", k=200, prefill=True))
     two.push(_job("d", "s", k=3))
     rows = [(j.prefill, len(st.row.tokens)) for j, st in two.select(_prepare)]
-    # 16 between them, the second open keeping one position (a row holds at least one)
-    assert sorted(k for p, k in rows if p) == [1, 16] and (False, 3) in rows, rows
+    # 16 for the first; nothing left for the second, which goes back to the front of its queue
+    assert rows == [(True, 16), (False, 3)] and len(two) == 1, rows
+    assert [j.key for j, _ in two.select(_prepare)] == ["b/open"]  # and leads the next forward
+    # padded, drafts cannot ride beside a prefill chunk: a forward of whole prompts that leaves
+    # them waiting is what the cap prevents (four re-opening sessions of 40 tokens, four drafts)
+    wait = Scheduler(max_tokens=512, max_sessions=16)
+    for i in range(4):
+        wait.push(_job(f"o{i}", "open", k=40, prefill=True))
+    for i in range(4):
+        wait.push(_job(f"d{i}", "s", k=3))
+    rows = [(j.prefill, len(st.row.tokens)) for j, st in wait.select(_prepare)]
+    assert rows == [(True, 16)] and len(wait) == 7, rows  # not 4 x 40 while the drafts wait
+    # the drafts waited for that forward: they lead the next one, an open rides at their width
+    nxt = [(j.key, len(st.row.tokens)) for j, st in wait.select(_prepare)]
+    assert {key for key, _ in nxt} >= {f"d{i}/s" for i in range(4)} and max(k for _, k in nxt) == 3, nxt
     with pytest.raises(ValueError, match="shared_prefill"):
         Scheduler(shared_prefill=0)
 
