@@ -553,6 +553,7 @@ class Scheduler:
         q.appendleft(job)
         self._queued += 1
 
+
 def _widest_for(k: int) -> int:
     """The widest forward a row of ``k`` positions may be padded into (width rule ``ratio``)."""
     return max(WIDTH_RATIO * k, k + WIDTH_SLACK)
