@@ -451,6 +451,7 @@ class Scheduler:
         )
         taken: set[str] = set()
         served: list[str] = []
+        whole: dict[str, list[int]] = {}
         progress = True
         while progress and len(batch) < self.max_sessions:
             progress = False
@@ -470,6 +471,8 @@ class Scheduler:
                 if step is None:
                     progress = True
                     continue
+                if job.prefill:  # its whole chunk, should the cap send it back (``_cap_prefill``)
+                    whole[key] = list(step.row.tokens)
                 k = fit.take(job, step, device)
                 taken.add(key)
                 if k is None:
@@ -480,6 +483,7 @@ class Scheduler:
                 progress = True
         for job in self._cap_prefill(batch):  # back to the front of its queue, as it was
             served.remove(job.key)
+            job.step.row.tokens[:] = whole[job.key]  # type: ignore[union-attr]
             self._unpop(job)
         self.last_rows = [(job.device, len(step.row.tokens)) for job, step in batch]
         self._rows.extend(

@@ -399,9 +399,9 @@ KEYS: dict[str, _Key] = {
             _W,
             _or_auto(_int(1, 1_000_000)),
             "auto",
-            "positions an open's prefill may hold in a forward that also carries other sessions' "
-            "drafts or decodes: 'auto' = as many as those rows hold, at least 16 (the rest of the "
-            "prefill goes in the next forwards)",
+            "positions an open's prefill may hold in a forward that carries other sessions' "
+            "drafts or decodes, or leaves some waiting: 'auto' = as many as those hold, at least "
+            "16 (the rest of the prefill goes in the next forwards)",
         ),
         _Key(
             "fair_wait_ms",

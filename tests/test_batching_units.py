@@ -479,7 +479,8 @@ def test_a_prefill_beside_drafts_holds_at_most_their_positions(packed) -> None:
     rows = [(j.prefill, len(st.row.tokens)) for j, st in two.select(_prepare)]
     # 16 for the first; nothing left for the second, which goes back to the front of its queue
     assert rows == [(True, 16), (False, 3)] and len(two) == 1, rows
-    assert [j.key for j, _ in two.select(_prepare)] == ["b/open"]  # and leads the next forward
+    # and leads the next forward with its share (512 over 3 devices), not the width it was cut to
+    assert [(j.key, len(st.row.tokens)) for j, st in two.select(_prepare)] == [("b/open", 170)]
     # padded, drafts cannot ride beside a prefill chunk: a forward of whole prompts that leaves
     # them waiting is what the cap prevents (four re-opening sessions of 40 tokens, four drafts)
     wait = Scheduler(max_tokens=512, max_sessions=16)
