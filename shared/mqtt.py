@@ -474,7 +474,14 @@ class MqttClient:
         self._paho.disconnect()  # also ends a reconnect wait
         if self._started:
             self._started = False
-            self._paho.loop_stop()
+            thread = getattr(self._paho, "_thread", None)
+            try:
+                self._paho.loop_stop()
+            except AttributeError:
+                # paho's loop_stop checks its _thread, then joins it, and the network thread sets
+                # it to None as it ends (eclipse-paho/paho.mqtt.python#872): it ended in between
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join()
 
     def __enter__(self) -> MqttClient:
         return self
