@@ -214,3 +214,29 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_close_survives_the_network_thread_ending_inside_loop_stop(dev_broker, mqtt_clients, monkeypatch):
+    """paho's loop_stop reads its thread handle, then joins it, while the network thread clears
+    that handle as it ends (eclipse-paho/paho.mqtt.python#872; once in CI as AttributeError in a
+    worker's stop). Make the thread always end in between: close still stops it."""
+    import paho.mqtt.client as paho_client
+
+    client = mqtt_clients.make(dev_broker.config())
+    network = client._paho._thread
+    assert network is not None and network.is_alive()
+    real = threading.current_thread
+
+    class _Late:  # paho's module sees this as `threading`: the thread ends before loop_stop joins
+        def __getattr__(self, name):
+            return getattr(threading, name)
+
+        @staticmethod
+        def current_thread():
+            network.join(5)
+            return real()
+
+    monkeypatch.setattr(paho_client, "threading", _Late())
+    client.close()
+    assert not network.is_alive() and client._paho._thread is None
+    assert not client.connected.is_set()
