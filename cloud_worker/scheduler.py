@@ -506,11 +506,13 @@ class Scheduler:
         waiting, to ``shared_prefill`` positions together (module docstring), in the order they
         were taken; a prefill row the budget leaves nothing for leaves the forward (returned, to
         be queued again), except the first, which keeps at least one position."""
-        others = sum(len(step.row.tokens) for job, step in batch if not job.prefill) + self._waiting(batch)
-        if not others or not any(job.prefill for job, _ in batch):
-            return []
+        if not any(job.prefill for job, _ in batch):
+            return []  # most forwards: no queue scan
         if self.shared_prefill is None and self.width_rule == "cost" and not self.packed:
             return []  # auto under the cost rule: the measured costs already bound a riding chunk
+        others = sum(len(step.row.tokens) for job, step in batch if not job.prefill) + self._waiting(batch)
+        if not others:
+            return []
         left = self.shared_prefill if self.shared_prefill is not None else max(PREFILL_FLOOR, others)
         self._prefill_first = all(job.prefill for job, _ in batch)  # the waiting ones lead next
         dropped: list[Job] = []
