@@ -11,7 +11,8 @@
    (``fleet.json``, ``fleet.md``, ``fleet_throughput.png``).
 
 Several worker configurations (``--fleet-worker NAME=ARGS``, ``--fleet-unbatched``) run one after
-the other against the same recordings. ``--fleet-duration S`` runs one long cell instead and
+the other against the same recordings; ``--fleet-worker-checkout NAME=PATH`` runs one of them from
+another checkout (an earlier commit), so a change is measured beside what it replaced. ``--fleet-duration S`` runs one long cell instead and
 samples the worker's RSS (the "flat within 5 %" target).
 """
 
@@ -86,10 +87,48 @@ def worker_configs(args) -> list[tuple[str, list[str]]]:
     return configs or [("default", [])]
 
 
+def worker_checkouts(args, configs: list[tuple[str, list[str]]]) -> dict[str, tuple[Path, str]]:
+    """Worker configuration name -> (checkout, its commit) from ``--fleet-worker-checkout
+    NAME=PATH``: that configuration's worker runs the code of another checkout of this project
+    (``git worktree add ../before HEAD~1``), so a change and what it replaced run side by side in
+    one bench, against the same recordings."""
+    import subprocess
+
+    names = {name for name, _ in configs}
+    out: dict[str, tuple[Path, str]] = {}
+    for spec in args.fleet_worker_checkout or []:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise FleetUsageError(
+                f"--fleet-worker-checkout {spec!r}: write NAME=PATH, NAME one of the --fleet-worker names "
+                f"({', '.join(sorted(names))})"
+            )
+        root = Path(path).expanduser().resolve()
+        if not (root / "cloud_worker" / "cli.py").is_file():
+            raise FleetUsageError(
+                f"--fleet-worker-checkout {spec!r}: {root} holds no cloud_worker/cli.py; give a checkout of "
+                "this project, e.g. one made with `git worktree add /tmp/before HEAD~1`"
+            )
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+        out[name] = (root, head or "unknown commit")
+    return out
+
+
 def start_worker(
-    procs: Procs, broker, *, target: str, draft_name: str, cores, max_sessions: int, extra: list[str]
+    procs: Procs,
+    broker,
+    *,
+    target: str,
+    draft_name: str,
+    cores,
+    max_sessions: int,
+    extra: list[str],
+    checkout: Path | None = None,
 ):
-    """A ``spececd-worker`` with metrics on a free port; returns (proc, worker id, metrics URL)."""
+    """A ``spececd-worker`` with metrics on a free port; returns (proc, worker id, metrics URL).
+    ``checkout``: run the worker code of that checkout instead of this one's."""
     import sys
 
     worker_id = f"fleet-{uuid.uuid4().hex[:8]}"
@@ -97,7 +136,10 @@ def start_worker(
     argv = [sys.executable, "-m", "cloud_worker.cli", "--broker", f"{broker[0]}:{broker[1]}", "--target", target,
             "--draft", draft_name, "--worker-id", worker_id, "--max-sessions", str(max_sessions),
             "--metrics-listen", f"127.0.0.1:{port}", *extra]  # fmt: skip
-    proc, _log = procs._spawn(f"worker-{worker_id}", argv, cores=cores, env=one_thread_env())
+    env = one_thread_env()
+    if checkout is not None:  # its packages first on the path (`-m` also puts the cwd first)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
+    proc, _log = procs._spawn(f"worker-{worker_id}", argv, cores=cores, env=env, cwd=checkout)
     return proc, worker_id, f"http://127.0.0.1:{port}/metrics"
 
 
@@ -244,6 +286,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
             f"--fleet-modes: unknown {', '.join(bad)}; choose from {', '.join(FLEET_MODES)}"
         )
     configs = worker_configs(args)
+    checkouts = worker_checkouts(args, configs)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     ns = sorted(set(args.fleet))
@@ -254,6 +297,7 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
             "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "seed": args.seed,
             "fleet_seconds": args.fleet_seconds, "long_run_s": args.fleet_duration, "paced": args.fleet_pace,
             "worker_configs": {name: shlex.join(extra) for name, extra in configs},
+            "worker_checkouts": {name: f"{root} at {head}" for name, (root, head) in checkouts.items()},
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     cells: list[dict] = []
     long: dict = {}
@@ -266,7 +310,8 @@ def run_fleet(args, draft_spec: str, target_spec: str, pinning, *, argv_text: st
             max_sessions = max(64, 2 * max(ns))
             for ci, (name, extra) in enumerate(configs):
                 proc, wid, murl = start_worker(procs, broker, target=target_spec, draft_name=draft_spec,
-                                               cores=worker_cores, max_sessions=max_sessions, extra=extra)  # fmt: skip
+                                               cores=worker_cores, max_sessions=max_sessions, extra=extra,
+                                               checkout=checkouts.get(name, (None,))[0])  # fmt: skip
                 link = MqttLink(cfg, device="fleetrec", round_timeout_s=args.round_timeout_s)
                 link.connect()
                 wait_worker_online(link, wid, proc, procs, args.worker_timeout_s)
@@ -397,6 +442,13 @@ def add_fleet_arguments(ap) -> None:
         action="append",
         metavar="NAME=FLAGS",
         help="a worker configuration to run (repeatable), e.g. unbatched='--max-batch-sessions 1'",
+    )
+    g.add_argument(
+        "--fleet-worker-checkout",
+        action="append",
+        metavar="NAME=PATH",
+        help="run worker configuration NAME from another checkout of this project (e.g. "
+        "`git worktree add /tmp/before HEAD~1`): a change and what it replaced side by side in one run",
     )
     g.add_argument(
         "--fleet-unbatched",

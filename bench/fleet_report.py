@@ -151,8 +151,10 @@ def fleet_markdown(report: dict, plot: Path | None) -> str:
         f"{'paced by the recorded drafting time' if meta.get('paced') else 'saturating (no drafting time between rounds)'}. "
            f"{meta['pinning']}. {meta['machine']}, torch {meta['torch']}; load average "
            f"{meta['load_avg_start']} → {meta.get('load_avg_end')}.", ""]  # fmt: skip
+    checkouts = meta.get("worker_checkouts") or {}
     for name, flags in meta["worker_configs"].items():
-        out.append(f"- worker `{name}`: `spececd-worker {flags}`".rstrip())
+        line = f"- worker `{name}`: `spececd-worker {flags}`".rstrip()
+        out.append(line + (f", the code of {checkouts[name]}" if name in checkouts else ""))
     if cells:
         out += ["", "| worker | mode | N | server tok/s | session tok/s (min–max) | round p50 / p99 ms | "
                 "queue / non-compute p50 ms | fwd / token | pos / fwd (padded) | replayer / worker CPU ms per round | worker busy | "

@@ -83,7 +83,7 @@ class Procs:
         self.stop_all()
 
     def _spawn(
-        self, name: str, argv: list[str], *, cores: set[int] | None = None, env=None
+        self, name: str, argv: list[str], *, cores: set[int] | None = None, env=None, cwd: Path | None = None
     ) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
         with log.open("ab") as fh:
@@ -94,7 +94,7 @@ class Procs:
                 start_new_session=True,
                 preexec_fn=pin_preexec(cores),
                 env=env,
-                cwd=REPO,
+                cwd=cwd or REPO,
             )
         self.children.append((name, proc))
         return proc, log

@@ -121,6 +121,19 @@ class _Gap:
         return self.mean + REJOIN_MARGIN * self.dev
 
 
+def _remember(gaps: OrderedDict[str, _Gap], key: str, gap: float, most: int) -> None:
+    """Add ``gap`` to ``gaps[key]`` (a new entry if none), keeping at most ``most`` keys (least
+    recently added go first)."""
+    known = gaps.get(key)
+    if known is None:
+        gaps[key] = _Gap(gap)
+        if len(gaps) > most:
+            gaps.popitem(last=False)
+    else:
+        known.add(gap)
+        gaps.move_to_end(key)
+
+
 @dataclass
 class Job:
     """One request of one session, and, once validated, the step it runs as."""
@@ -178,6 +191,9 @@ class Scheduler:
         self._placed: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}  # session -> when its last answer went out
         self._gaps: OrderedDict[str, _Gap] = OrderedDict()  # session -> answer-to-next-request gap (s)
+        # device -> the same gaps over all its sessions: what a session it has just opened is expected
+        # to take (an edge's next generation is a new session whose first draft follows its open)
+        self._device_gaps: OrderedDict[str, _Gap] = OrderedDict()
         self._prefill_first = False  # the last forward: prefill only, drafts or decodes waited for it
 
     def __len__(self) -> int:
@@ -302,14 +318,15 @@ class Scheduler:
         at = self._answered_at.pop(key, None)
         if at is None or received_at < at:
             return
+        _remember(self._gaps, key, received_at - at, MAX_GAPS)
+        _remember(self._device_gaps, key_device(key), received_at - at, MAX_DEVICES)
+
+    def _expected_gap(self, key: str) -> _Gap | None:
+        """Session ``key``'s own return gaps; for a session not seen coming back yet, its
+        device's (over its earlier sessions): the first draft after an open follows the open's
+        answer as the edge's drafts follow their verdicts. None for a device never seen back."""
         gap = self._gaps.get(key)
-        if gap is None:
-            gap = self._gaps[key] = _Gap(received_at - at)
-            if len(self._gaps) > MAX_GAPS:
-                self._gaps.popitem(last=False)
-        else:
-            gap.add(received_at - at)
-            self._gaps.move_to_end(key)
+        return gap if gap is not None else self._device_gaps.get(key_device(key))
 
     def rejoining(self, keys: set[str]) -> tuple[set[str], float]:
         """The rejoin window "auto": of ``keys`` (sessions just answered), those not queued again
@@ -318,7 +335,8 @@ class Scheduler:
         deviations: an edge whose drafting time varies with its γ), at most that share. A session
         back that soon would otherwise wait a whole forward in the queue and cost a forward of
         its own; one that is slower (a far edge, a slow draft) is not waited for, nor one the
-        worker has not yet seen come back, nor one whose device is more than ``credit`` ahead of
+        worker has not yet seen come back (a session just opened is expected as its device's
+        earlier sessions came back: ``_expected_gap``), nor one whose device is more than ``credit`` ahead of
         the devices with work in model time: a wait that ends without the session is charged to
         its device (``charge_wait``), so a device that comes back quickly for a while and then
         late, over and over, buys those waits with its own share of the worker."""
@@ -328,7 +346,7 @@ class Scheduler:
             key: gap.expected
             for key in keys
             if key not in self.queues
-            and (gap := self._gaps.get(key)) is not None
+            and (gap := self._expected_gap(key)) is not None
             and gap.mean <= limit
             and self.vtime.get(key_device(key), 0.0) <= cutoff
         }

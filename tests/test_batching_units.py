@@ -923,6 +923,39 @@ def test_rejoining_names_the_sessions_expected_back_within_half_a_forward() -> N
     assert sched.rejoining({"near/n"}) == ({"near/n"}, pytest.approx(0.5))
 
 
+def test_a_session_just_opened_is_expected_back_as_its_device_came_back() -> None:
+    """An edge's next generation is a new session: the worker has never seen it come back, but
+    its device's earlier sessions did. After the open's answer, its first draft is expected as
+    the device's drafts were (the fleet's p99 round was a first draft that came in just after a
+    forward began and waited it out); a new session of a device never seen back is not waited
+    for, and a device's slow sessions make its new ones not waited for either."""
+    sched = Scheduler()
+    sched.push(_job("x", "x"))
+    sched.select(_prepare)
+    sched.charge(1.0)  # a forward takes 1 s: sessions back within 0.5 s are waited for
+    t = 100.0
+    for _ in range(4):  # device "quick": its session g1 back 50 ms after each answer; "slow": 900 ms
+        sched.answered({"quick/g1", "slow/g1"}, t)
+        sched.push(_arriving("quick", "g1", t + 0.05))
+        sched.push(_arriving("slow", "g1", t + 0.9))
+        sched.drop("quick/g1")
+        sched.drop("slow/g1")
+        t += 2.0
+    assert sched.gap_s("quick/g2") is None  # g2: the next generation, just opened and answered
+    back, wait = sched.rejoining({"quick/g2", "slow/g2", "fresh/g1"})
+    assert back == {"quick/g2"}
+    assert wait == pytest.approx(0.05, abs=0.01)
+    # once g2 has come back itself, its own gaps decide (here: late, so no longer waited for)
+    for _ in range(6):
+        sched.answered({"quick/g2"}, t)
+        sched.push(_arriving("quick", "g2", t + 0.8))
+        sched.drop("quick/g2")
+        t += 2.0
+    assert sched.rejoining({"quick/g2"}) == (set(), 0.0)
+    # ... and the device's expectation for its next new session moved with them
+    assert sched.rejoining({"quick/g3"}) == (set(), 0.0)
+
+
 def test_waits_in_vain_are_charged_and_bound_what_a_device_can_cost_others() -> None:
     """An untrusted device that comes back quickly for a while and then late, over and over,
     would make the worker wait up to half a forward per forward for nothing. Each wait that ends

@@ -223,3 +223,28 @@ def test_opens_refused_as_overloaded_are_retried(dev_broker, tiny_pair, tmp_path
         assert sum(g.complete for g in replayer.generations) >= 3  # ~2 opens/s for 4 s, burst aside
     finally:
         wp.terminate()
+
+
+def test_a_worker_configuration_runs_from_another_checkout(tmp_path) -> None:
+    """``--fleet-worker-checkout NAME=PATH``: that configuration's worker runs the checkout's code
+    (a change beside what it replaced, in one run); a name or folder that is wrong is refused."""
+    from bench.fleet import FleetUsageError, start_worker, worker_checkouts
+    from bench.procs import Procs
+
+    other = tmp_path / "before"
+    (other / "cloud_worker").mkdir(parents=True)
+    (other / "cloud_worker" / "__init__.py").write_text("")
+    (other / "cloud_worker" / "cli.py").write_text(  # stands in for an earlier commit's worker
+        "import sys, pathlib\npathlib.Path(sys.argv[sys.argv.index('--worker-id') + 1] + '.ran').write_text(__file__)\n"
+    )
+    configs = [("before", []), ("after", [])]
+    args = argparse.Namespace(fleet_worker_checkout=[f"before={other}"])
+    assert worker_checkouts(args, configs) == {"before": (other.resolve(), "unknown commit")}
+    with Procs(tmp_path / "logs") as procs:
+        proc, wid, _url = start_worker(procs, ("127.0.0.1", 1), target="t", draft_name="d", cores=None,
+                                       max_sessions=4, extra=[], checkout=other.resolve())  # fmt: skip
+        assert proc.wait(timeout=60) == 0
+    assert (other / f"{wid}.ran").read_text() == str(other.resolve() / "cloud_worker" / "cli.py")
+    for bad in ("nobody=" + str(other), "before", f"before={tmp_path}"):
+        with pytest.raises(FleetUsageError, match="--fleet-worker-checkout"):
+            worker_checkouts(argparse.Namespace(fleet_worker_checkout=[bad]), configs)

@@ -318,6 +318,20 @@ def test_auto_rejoin_window_waits_for_the_sessions_expected_back(models, dev_bro
     assert time.monotonic() - t0 < 0.02
 
 
+def test_auto_rejoin_window_waits_for_a_just_opened_sessions_first_draft(models, dev_broker, uid) -> None:
+    """A session whose open the last forward answered has never come back, but its device has
+    (its earlier generation's session, 80 ms after each answer): the model thread waits for its
+    first draft as it would for the device's drafts, instead of starting a forward without it."""
+    worker, sched = _rejoin_rig(models, dev_broker, uid, forward_s=1.0, key="edge/g1", gap_s=0.08)
+    assert sched.gap_s("edge/g2") is None
+    worker._answered_keys = {"edge/g2"}  # g2's open was answered; its first draft comes 50 ms later
+    threading.Timer(0.05, worker.jobs.put, [_queued_job("edge", "g2")]).start()
+    t0 = time.monotonic()
+    worker._await_rejoin()
+    waited = time.monotonic() - t0
+    assert "edge/g2" in sched.queues and 0.04 <= waited < 0.3, waited
+
+
 def test_auto_rejoin_wait_in_vain_is_charged_to_the_awaited_device(models, dev_broker, uid) -> None:
     """The worker waits for a session it expects back; when the wait ends without it, the time
     waited goes on that device's model time (Scheduler.charge_wait), not on anyone else's."""
